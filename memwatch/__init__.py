@@ -1,0 +1,92 @@
+"""memwatch: find memory leaks in running Python web services.
+
+One line wraps any WSGI or ASGI application::
+
+    import memwatch
+    app = memwatch.wrap(app)
+
+memwatch then counts requests by route template, method, auth scheme and outcome, samples the
+process's memory cheaply, and serves Prometheus metrics at ``/metrics`` and a report at
+``/memwatch/`` (loopback or token). See README.md and docs/.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing as t
+
+from memwatch.asgi import ASGIMiddleware
+from memwatch.config import Config, ConfigError
+from memwatch.core import Memwatch
+from memwatch.wsgi import WSGIMiddleware
+
+__version__ = "0.1.0"
+__all__ = [
+    "ASGIMiddleware",
+    "Config",
+    "ConfigError",
+    "Memwatch",
+    "WSGIMiddleware",
+    "__version__",
+    "detect_protocol",
+    "wrap",
+]
+
+
+def detect_protocol(app: object) -> t.Literal["wsgi", "asgi"]:
+    """Tells a WSGI callable from an ASGI 3 one, the way asgiref inspects callables.
+
+    A coroutine function (or an object whose ``__call__`` is one) is ASGI; otherwise the number
+    of positional parameters decides: two (environ, start_response) is WSGI, three (scope,
+    receive, send) is ASGI. Anything else is ambiguous: pass ``protocol=`` explicitly.
+    """
+    from asgiref.sync import iscoroutinefunction
+
+    call = getattr(app, "__call__", None)  # noqa: B004 - we want the method, not callable()
+    if call is None:
+        raise ConfigError(f"memwatch.wrap() needs a WSGI or ASGI callable, got {app!r}")
+    if iscoroutinefunction(app) or iscoroutinefunction(call):
+        return "asgi"
+    if inspect.isclass(app):
+        raise ConfigError(
+            f"{app!r} is a class: for an ASGI 2 (double-callable) application wrap "
+            "asgiref.compatibility.guarantee_single_callable(app); for anything else pass "
+            "protocol='wsgi' or protocol='asgi'"
+        )
+    try:
+        params = [
+            p
+            for p in inspect.signature(app).parameters.values()  # type: ignore[arg-type]
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) == 2:
+        return "wsgi"
+    if len(params) == 3:
+        return "asgi"
+    raise ConfigError(
+        f"cannot tell whether {app!r} is a WSGI or an ASGI application; "
+        "pass protocol='wsgi' or protocol='asgi' (or set MEMWATCH_PROTOCOL)"
+    )
+
+
+def wrap(
+    app: t.Any, *, config: Config | None = None, **options: t.Any
+) -> WSGIMiddleware | ASGIMiddleware:
+    """Wraps a WSGI or ASGI application; the protocol is detected unless ``protocol=`` says.
+
+    :param app: The application (Flask app or its ``wsgi_app``, Django handler, Starlette or
+        FastAPI app, any WSGI or ASGI 3 callable).
+    :param config: A :class:`Config`; by default built from ``MEMWATCH_*`` environment variables
+        and the keyword ``options``.
+    :param options: ``registry=`` and ``signals=`` for the middleware, or any :class:`Config`
+        field.
+    """
+    registry = options.pop("registry", None)
+    signals = options.pop("signals", None)
+    cfg = config or Config.from_env(**options)
+    protocol = cfg.protocol if cfg.protocol != "auto" else detect_protocol(app)
+    if protocol == "asgi":
+        return ASGIMiddleware(app, config=cfg, registry=registry, signals=signals)
+    return WSGIMiddleware(app, config=cfg, registry=registry, signals=signals)

@@ -1,0 +1,149 @@
+"""ASGI middleware: watches every HTTP request of an ASGI application.
+
+Usage::
+
+    import memwatch
+    app = memwatch.wrap(app)                      # Starlette, FastAPI, Django's ASGI handler
+    app.add_middleware(memwatch.ASGIMiddleware)   # or inside a Starlette/FastAPI app
+
+The response is observed by wrapping ``send``: the status from ``http.response.start``, the end
+when the app returns. Nothing per request is kept on ``self``. ``lifespan`` and ``websocket``
+scopes pass straight through. The app's exceptions propagate unchanged; memwatch's own failures
+are caught and counted.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from memwatch.config import Config
+from memwatch.core import Memwatch
+from memwatch.endpoints import EndpointRequest, EndpointResponse
+from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks, starlette_template
+
+if t.TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from memwatch._types import ASGIApp, Message, Receive, Scope, Send
+    from memwatch.signals import Signals
+
+_FORWARD_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+class ASGIMiddleware:
+    """Wraps an ASGI 3 application.
+
+    :param app: The ASGI application.
+    :param config: A :class:`memwatch.Config`; by default built from ``MEMWATCH_*`` variables
+        and ``options``.
+    :param registry: A prometheus_client registry to add memwatch's collector to.
+    :param signals: Readings source (a seam for tests).
+    :param memwatch: Share an existing :class:`memwatch.core.Memwatch` instance.
+    :param options: Any :class:`memwatch.Config` field, as a keyword.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: Config | None = None,
+        registry: CollectorRegistry | None = None,
+        signals: Signals | None = None,
+        memwatch: Memwatch | None = None,
+        **options: t.Any,
+    ) -> None:
+        self.app = app
+        self.config = config or (memwatch.config if memwatch else Config.from_env(**options))
+        self.memwatch = memwatch or Memwatch(self.config, registry=registry, signals=signals)
+        self.monitor = self.memwatch.monitor
+        self._endpoints = self.memwatch.endpoints
+        self._enabled = self.config.enabled
+        self.framework = install_route_hooks(app) if self._enabled else None
+        if self._enabled:
+            self.memwatch.log_startup(app, "ASGI")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._enabled:
+            await self.app(scope, receive, send)
+            return
+        if self._endpoints.handles(scope.get("path") or "/"):
+            response = self._respond(scope)
+            if response is not None:
+                await _send_response(send, response)
+                return
+        monitor = self.monitor
+        try:
+            entry = monitor.request_entry()
+        except Exception as exc:
+            monitor.errors.record("asgi.entry", exc)
+            entry = None
+        root_path = scope.get("root_path") or ""
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.finish(scope, status or 500, entry, root_path)
+
+    def finish(self, scope: Scope, status: int, entry: int | None, root_path: str) -> None:
+        """Records a finished request. Never raises."""
+        try:
+            routes = self.monitor.routes
+            template = scope.get(ROUTE_KEY) or starlette_template(scope, root_path)
+            if template is not None:
+                route = routes.label(template)
+            elif status == 404 and (self.framework is not None or "app" in scope):
+                route = routes.label(UNMATCHED)
+            else:
+                route = routes.for_path(scope.get("path") or "/")
+            auth, credential = self.monitor.auth.from_scope(scope)
+            self.monitor.request_exit(
+                route, scope.get("method") or "GET", auth, credential, status, entry
+            )
+        except Exception as exc:
+            self.monitor.errors.record("asgi.finish", exc)
+
+    def _respond(self, scope: Scope) -> EndpointResponse | None:
+        try:
+            authorization = accept = forwarded = None
+            for name, value in scope.get("headers") or ():
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+                elif name == b"accept":
+                    accept = value.decode("latin-1")
+                elif name in _FORWARD_HEADERS:
+                    forwarded = value.decode("latin-1")
+            client = scope.get("client")
+            request = EndpointRequest(
+                method=scope.get("method") or "GET",
+                path=scope.get("path") or "/",
+                client=client[0] if client else None,
+                authorization=authorization,
+                forwarded_for=forwarded,
+            )
+            return self._endpoints.respond(request, accept)
+        except Exception as exc:
+            self.monitor.errors.record("asgi.endpoint", exc)
+            return None
+
+
+async def _send_response(send: Send, response: EndpointResponse) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})

@@ -1,0 +1,158 @@
+"""Which authentication path a request took, and a handle on its credential for counting.
+
+The scheme becomes the ``auth`` label: one of :data:`AUTH_SCHEMES`. The credential (token, Basic
+blob, API key, session id) is returned only so that the monitor can fold a keyed hash of it into a
+fixed-size sketch of distinct credentials; it is never stored, logged or exported.
+
+Classification reads only what it needs, in this order: the ``Authorization`` header, the
+configured API-key headers, the configured query-string parameters, the configured session
+cookies. Explicit credentials win over ambient ones (a browser's session cookie on an API call
+with a token is a token request). Malformed input (not base64, not UTF-8, empty, huge, odd
+whitespace) never raises: it falls into the nearest honest category.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from memwatch.config import Config
+
+AUTH_SCHEMES = ("bearer", "basic", "digest", "apikey", "session", "other", "anonymous")
+
+# Authorization schemes that carry an API key rather than a user credential (DRF's "Token",
+# "Api-Key" from djangorestframework-api-key, and common variants).
+_APIKEY_SCHEMES = frozenset({"token", "apikey", "api-key", "api_key", "key"})
+_NAMED_SCHEMES = {"bearer": "bearer", "basic": "basic", "digest": "digest"}
+
+# Long header values are cut before anything else looks at them: bounded work per request.
+_MAX_VALUE = 8192
+
+Classified = tuple[str, str | None]
+ANONYMOUS: Classified = ("anonymous", None)
+
+
+class AuthClassifier:
+    """Classifies a request's authentication path from its headers, query and cookies."""
+
+    def __init__(self, config: Config) -> None:
+        self._apikey_environ = tuple(
+            "HTTP_" + name.upper().replace("-", "_") for name in config.apikey_headers
+        )
+        self._apikey_raw = frozenset(name.encode("latin-1") for name in config.apikey_headers)
+        self._query = tuple(
+            (name + "=", "bearer" if name == "access_token" else "apikey")
+            for name in config.query_credentials
+        )
+        self._cookies = tuple(name + "=" for name in config.session_cookies)
+        self._cookies_lower = tuple(c.lower() for c in self._cookies)
+
+    def from_environ(self, environ: dict[str, object]) -> Classified:
+        """Classify a WSGI request."""
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        if authorization:
+            return classify_authorization(str(authorization))
+        for key in self._apikey_environ:
+            value = environ.get(key)
+            if value:
+                return "apikey", str(value)[:_MAX_VALUE]
+        query = environ.get("QUERY_STRING")
+        if query:
+            found = self._from_query(str(query))
+            if found is not None:
+                return found
+        cookie = environ.get("HTTP_COOKIE")
+        if cookie:
+            found = self._from_cookie(str(cookie))
+            if found is not None:
+                return found
+        return ANONYMOUS
+
+    def from_scope(self, scope: dict[str, object] | object) -> Classified:
+        """Classify an ASGI HTTP request from its scope."""
+        get = getattr(scope, "get", None)
+        if get is None:
+            return ANONYMOUS
+        authorization: bytes | None = None
+        apikey: bytes | None = None
+        cookie: bytes | None = None
+        headers: Iterable[tuple[bytes, bytes]] = get("headers") or ()
+        for name, value in headers:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif apikey is None and name in self._apikey_raw:
+                apikey = value
+        if authorization:
+            return classify_authorization(authorization[:_MAX_VALUE].decode("latin-1"))
+        if apikey:
+            return "apikey", apikey[:_MAX_VALUE].decode("latin-1")
+        query = get("query_string")
+        if query:
+            found = self._from_query(bytes(query)[:_MAX_VALUE].decode("latin-1"))
+            if found is not None:
+                return found
+        if cookie:
+            found = self._from_cookie(cookie.decode("latin-1"))
+            if found is not None:
+                return found
+        return ANONYMOUS
+
+    def _from_query(self, query: str) -> Classified | None:
+        lowered = query[:_MAX_VALUE].lower()
+        for needle, scheme in self._query:
+            if needle not in lowered:
+                continue
+            offset = 0
+            for part in lowered.split("&"):
+                if part.startswith(needle):
+                    value = query[offset + len(needle) : offset + len(part)]
+                    return scheme, value or None
+                offset += len(part) + 1
+        return None
+
+    def _from_cookie(self, cookie: str) -> Classified | None:
+        lowered = cookie[:_MAX_VALUE].lower()
+        for needle in self._cookies_lower:
+            if needle not in lowered:
+                continue
+            offset = 0
+            for part in lowered.split(";"):
+                stripped = part.lstrip()
+                if stripped.startswith(needle):
+                    start = offset + (len(part) - len(stripped)) + len(needle)
+                    end = offset + len(part)
+                    return "session", cookie[start:end].strip() or None
+                offset += len(part) + 1
+        return None
+
+
+def classify_authorization(header: str) -> Classified:
+    """Classify an ``Authorization`` header value (RFC 9110 ``credentials``)."""
+    value = header[:_MAX_VALUE].strip()
+    if not value:
+        return ANONYMOUS
+    scheme, _, rest = value.partition(" ")
+    lowered = scheme.lower()
+    rest = rest.strip()
+    named = _NAMED_SCHEMES.get(lowered)
+    if named == "digest":
+        return "digest", _digest_username(rest)
+    if named is not None:
+        return named, rest or None
+    if lowered in _APIKEY_SCHEMES:
+        return "apikey", rest or None
+    # A bare value without a scheme ("Authorization: abc123") is a key in practice.
+    if not rest:
+        return "apikey", scheme
+    return "other", rest
+
+
+def _digest_username(params: str) -> str | None:
+    """The ``username`` of a Digest response: every request carries a new nonce, so the user is
+    what identifies the credential."""
+    for part in params.split(","):
+        key, _, val = part.strip().partition("=")
+        if key.strip().lower() in ("username", "username*"):
+            return val.strip().strip('"') or None
+    return None

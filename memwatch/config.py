@@ -1,0 +1,203 @@
+"""All of memwatch's options, in one frozen dataclass.
+
+Every option can be given as a keyword argument (``memwatch.wrap(app, max_routes=500)``) or as an
+environment variable ``MEMWATCH_<NAME>`` (``MEMWATCH_MAX_ROUTES=500``). Keyword arguments win over
+the environment, which wins over the defaults, so that code states intent and operators can still
+tune a deployment without a release. Values are validated once, at start-up, with errors that
+name the option and the variable::
+
+    >>> Config.from_env({"MEMWATCH_MAX_ROUTES": "lots"})
+    Traceback (most recent call last):
+    ...
+    memwatch.config.ConfigError: MEMWATCH_MAX_ROUTES: expected an integer, got 'lots'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import types
+from collections.abc import Mapping
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+ENV_PREFIX = "MEMWATCH_"
+
+Protocol = Literal["auto", "wsgi", "asgi"]
+DiagnosisMode = Literal["off", "triggered", "always"]
+
+
+class ConfigError(ValueError):
+    """An option has a value memwatch cannot use; the message names the option."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """memwatch's options. Each field is also read from ``MEMWATCH_<FIELD NAME IN CAPITALS>``.
+
+    Args:
+        enabled: False turns memwatch into a pass-through (nothing measured, nothing served).
+        protocol: ``auto`` detects WSGI or ASGI; force ``wsgi`` or ``asgi`` for ambiguous callables.
+        metrics_path: Where Prometheus text exposition is served; empty string to disable.
+        metrics_token: If set, ``/metrics`` requires ``Authorization: Bearer <token>``.
+        report_path: Prefix of the report endpoints (``report.json``, the HTML page).
+        token: Token that opens the report endpoints to non-loopback clients.
+        trusted_proxies: Addresses of reverse proxies whose ``X-Forwarded-For`` is believed.
+            Without it, any forwarded request is treated as non-loopback.
+        max_routes: Cap on distinct route labels; further routes count as ``__other__``.
+        apikey_headers: Request headers that carry an API key (case-insensitive).
+        session_cookies: Cookie names that carry a session identifier.
+        query_credentials: Query-string parameters that carry a credential.
+        sample_every_requests: Take a periodic sample at least every N requests ...
+        sample_every_seconds: ... or every T seconds, whichever comes first.
+        sample_budget_us: CPU budget per request, in microseconds, for heap-sized readings; the
+            sampling interval stretches when such a reading gets expensive (large heaps).
+        request_sample_rate: Fraction of requests measured individually (heap before/after).
+        heap_block_bytes: Mean size assumed for one Python heap block when converting block
+            counts to bytes (calibrated from tracemalloc when a diagnosis window runs).
+        history_size: Number of periodic samples kept (ring buffer).
+        diagnosis: ``off``, ``triggered`` (default) or ``always`` (development).
+        log_startup: Log one line at start-up saying what is exposed where.
+    """
+
+    enabled: bool = True
+    protocol: Protocol = "auto"
+    metrics_path: str = "/metrics"
+    metrics_token: str | None = None
+    report_path: str = "/memwatch/"
+    token: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+    max_routes: int = 200
+    apikey_headers: tuple[str, ...] = ("x-api-key", "api-key", "x-auth-token", "x-access-token")
+    session_cookies: tuple[str, ...] = (
+        "sessionid",
+        "session",
+        "connect.sid",
+        "jsessionid",
+        "phpsessid",
+        "_session_id",
+    )
+    query_credentials: tuple[str, ...] = ("access_token", "api_key", "apikey", "token", "key")
+    sample_every_requests: int = 100
+    sample_every_seconds: float = 1.0
+    sample_budget_us: float = 0.25
+    request_sample_rate: float = 0.02
+    heap_block_bytes: float = 64.0
+    history_size: int = 1024
+    diagnosis: DiagnosisMode = "triggered"
+    log_startup: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                raise ConfigError(f"{_env_name(name)} ({name}): {what}, got {value!r}")
+
+        need(self.protocol in get_args(Protocol), "protocol", "expected auto, wsgi or asgi")
+        need(
+            self.diagnosis in get_args(DiagnosisMode),
+            "diagnosis",
+            "expected off, triggered or always",
+        )
+        need(
+            self.metrics_path == "" or self.metrics_path.startswith("/"),
+            "metrics_path",
+            "expected a path starting with '/' (or empty to disable)",
+        )
+        need(
+            self.report_path.startswith("/") and self.report_path.endswith("/"),
+            "report_path",
+            "expected a path starting and ending with '/'",
+        )
+        need(self.report_path != self.metrics_path, "report_path", "must differ from metrics_path")
+        need(self.max_routes >= 1, "max_routes", "expected at least 1")
+        need(self.sample_every_requests >= 1, "sample_every_requests", "expected at least 1")
+        need(self.sample_every_seconds > 0, "sample_every_seconds", "expected a positive number")
+        need(self.sample_budget_us > 0, "sample_budget_us", "expected a positive number")
+        need(
+            0.0 <= self.request_sample_rate <= 1.0,
+            "request_sample_rate",
+            "expected a fraction between 0 and 1",
+        )
+        need(self.heap_block_bytes > 0, "heap_block_bytes", "expected a positive number")
+        need(self.history_size >= 16, "history_size", "expected at least 16")
+        for name in ("token", "metrics_token"):
+            value = getattr(self, name)
+            need(value is None or len(value) >= 8, name, "expected at least 8 characters")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{_env_name('trusted_proxies')} (trusted_proxies): {proxy!r} is not an IP "
+                    "address or network"
+                ) from None
+        # Header and cookie names are matched case-insensitively: store them once, lowered.
+        object.__setattr__(self, "apikey_headers", tuple(h.lower() for h in self.apikey_headers))
+        object.__setattr__(
+            self, "query_credentials", tuple(q.lower() for q in self.query_credentials)
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a Config from ``MEMWATCH_*`` variables, then apply keyword ``overrides``."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in names:
+                known = ", ".join(sorted(names))
+                raise ConfigError(f"unknown memwatch option {key!r}; known: {known}")
+        for field in dataclasses.fields(cls):
+            env = _env_name(field.name)
+            if field.name in overrides:
+                values[field.name] = overrides[field.name]
+            elif env in environ:
+                values[field.name] = _parse(env, environ[env], hints[field.name])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(env: str, raw: str, hint: Any) -> Any:
+    text = raw.strip()
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        if text == "":
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(env, raw, inner)
+    if hint is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{env}: expected a boolean (1/0, true/false, yes/no), got {raw!r}")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{env}: expected an integer, got {raw!r}") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{env}: expected a number, got {raw!r}") from None
+    if origin is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if origin is Literal:
+        if text not in args:
+            raise ConfigError(f"{env}: expected one of {', '.join(args)}, got {raw!r}")
+        return text
+    return text

@@ -1,0 +1,80 @@
+"""What both middlewares share: the options, the monitor, the registry and the endpoints."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry
+
+from memwatch import html
+from memwatch.config import Config
+from memwatch.endpoints import Endpoints
+from memwatch.exporter import MemwatchCollector, render_metrics
+from memwatch.monitor import Monitor
+from memwatch.report import Leak, Report, build_report, to_json
+from memwatch.signals import Signals
+
+logger = logging.getLogger("memwatch")
+
+
+class Memwatch:
+    """One memwatch instance: everything a wrapped application's middleware needs.
+
+    :param config: The options.
+    :param registry: A prometheus_client registry to add memwatch's collector to; by default a
+        private one, so that memwatch never clashes with the app's own metrics.
+    :param signals: Readings source (a seam for tests and other platforms).
+    :param monitor: An existing monitor to share (for example between a WSGI and an ASGI entry
+        point of the same process).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        signals: Signals | None = None,
+        monitor: Monitor | None = None,
+    ) -> None:
+        self.config = config
+        self.monitor = monitor or Monitor(config, signals=signals)
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
+        self.collector = MemwatchCollector(self.monitor, self.verdict)
+        self.registry.register(self.collector)
+        self.endpoints = Endpoints(
+            config,
+            metrics=self.render_metrics,
+            report_json=lambda: to_json(self.report()),
+            report_html=lambda: html.render(self.report()).encode("utf-8"),
+        )
+
+    def verdict(self) -> Leak | None:
+        """The current leak verdict; the detector fills it in."""
+        return None
+
+    def report(self) -> Report:
+        return build_report(self.monitor.snapshot(), leak=self.verdict(), now=time.time())
+
+    def render_metrics(self, accept: str | None) -> tuple[str, bytes]:
+        return render_metrics(self.registry, accept)
+
+    def log_startup(self, app: object, protocol: str) -> None:
+        if not self.config.log_startup:
+            return
+        cfg = self.config
+        metrics = (
+            "off"
+            if not cfg.metrics_path
+            else f"{cfg.metrics_path} ({'bearer token' if cfg.metrics_token else 'open'})"
+        )
+        report_access = "loopback clients" + (" or bearer token" if cfg.token else " only")
+        logger.info(
+            "memwatch watching %s (%s): metrics at %s; report at %s and %sreport.json for %s",
+            getattr(app, "__qualname__", type(app).__qualname__),
+            protocol,
+            metrics,
+            cfg.report_path,
+            cfg.report_path,
+            report_access,
+        )

@@ -1,0 +1,161 @@
+"""The report: one dataclass tree built from the monitor's state, rendered as JSON or HTML.
+
+Building (:func:`build_report`) and rendering (:func:`to_json`, :mod:`memwatch.html`) are apart,
+so tests assert on data, not on text. Everything in the report is bounded (routes, sites, roots,
+history points) and nothing in it comes from a credential, a header value or a cookie: routes are
+templates or normalised paths, auth is a scheme name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from memwatch.monitor import Snapshot
+
+MAX_ROUTES_IN_REPORT = 200
+MAX_HISTORY_POINTS = 240
+
+
+@dataclass
+class Leak:
+    suspected: bool = False
+    status: str = "warming_up"  # warming_up | ok | suspected | unknown
+    signal: str | None = None
+    growth_bytes_per_request: float | None = None
+    growth_bytes_per_second: float | None = None
+    confidence: float | None = None
+    since: str | None = None
+    scales_with: str | None = None
+    advice: str | None = None
+
+
+@dataclass
+class RouteStat:
+    route: str
+    method: str
+    auth: str
+    requests: int
+    retained_bytes_per_request: float | None = None
+    suspected: bool = False
+
+
+@dataclass
+class Site:
+    file: str
+    line: int
+    traceback: list[str]
+    size_diff_bytes: int
+    count_diff: int
+
+
+@dataclass
+class Root:
+    path: str
+    type: str
+    length: int | None
+    growth: int | None
+    advice: str | None = None
+
+
+@dataclass
+class HistoryPoint:
+    seconds: float  # since the first point
+    requests: int
+    rss_bytes: int | None
+    heap_blocks: int | None
+
+
+@dataclass
+class ProcessInfo:
+    pid: int
+    python: str
+    started: str
+    requests: int
+    rss_bytes: int | None
+    heap_blocks: int | None
+    internal_errors: int
+    routes_overflowed: int
+    distinct_credentials: dict[str, float]
+
+
+@dataclass
+class Report:
+    leak: Leak
+    routes: list[RouteStat]
+    sites: list[Site] = field(default_factory=list)
+    roots: list[Root] = field(default_factory=list)
+    process: ProcessInfo | None = None
+    history: list[HistoryPoint] = field(default_factory=list)
+    generated_at: str = ""
+    version: str = ""
+
+
+def isoformat(epoch: float) -> str:
+    moment = _dt.datetime.fromtimestamp(epoch, tz=_dt.timezone.utc).replace(microsecond=0)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) -> Report:
+    from memwatch import __version__
+
+    per_route: dict[tuple[str, str, str], int] = {}
+    for (route, method, auth, _outcome), count in snapshot.counts.items():
+        key = (route, method, auth)
+        per_route[key] = per_route.get(key, 0) + count
+    routes = [
+        RouteStat(route=r, method=m, auth=a, requests=n)
+        for (r, m, a), n in sorted(per_route.items(), key=lambda kv: (-kv[1], kv[0]))
+    ][:MAX_ROUTES_IN_REPORT]
+    history = _thin(snapshot.history)
+    last = snapshot.history[-1] if snapshot.history else None
+    process = ProcessInfo(
+        pid=snapshot.pid,
+        python=sys.version.split()[0],
+        started=isoformat(snapshot.started_wall),
+        requests=snapshot.requests,
+        rss_bytes=last.rss_bytes if last else None,
+        heap_blocks=last.heap_blocks if last else None,
+        internal_errors=snapshot.internal_errors,
+        routes_overflowed=snapshot.routes_overflowed,
+        distinct_credentials={k: round(v, 1) for k, v in snapshot.distinct_credentials.items()},
+    )
+    return Report(
+        leak=leak or Leak(),
+        routes=routes,
+        process=process,
+        history=history,
+        generated_at=isoformat(now),
+        version=__version__,
+    )
+
+
+def _thin(samples: list[Any]) -> list[HistoryPoint]:
+    if not samples:
+        return []
+    step = max(1, -(-len(samples) // MAX_HISTORY_POINTS))
+    chosen = samples[::step]
+    if chosen[-1] is not samples[-1]:
+        chosen.append(samples[-1])
+    start = samples[0].time
+    return [
+        HistoryPoint(
+            seconds=round(s.time - start, 3),
+            requests=s.requests,
+            rss_bytes=s.rss_bytes,
+            heap_blocks=s.heap_blocks,
+        )
+        for s in chosen
+    ]
+
+
+def to_dict(report: Report) -> dict[str, Any]:
+    return dataclasses.asdict(report)
+
+
+def to_json(report: Report) -> bytes:
+    return json.dumps(to_dict(report), indent=1, sort_keys=False, allow_nan=False).encode()

@@ -1,0 +1,202 @@
+"""Route labels: the framework's route template where one is known, a normalised path otherwise.
+
+Frameworks resolve a request's route inside the app, after memwatch has handed the request on;
+memwatch picks the result up when the request ends, without routing a second time:
+
+- **Flask/Werkzeug**: a ``before_request`` function (installed first, at wrap time) copies
+  ``request.url_rule.rule`` (``/reports/<int:rid>``) into the WSGI environ.
+- **Django** (WSGI and ASGI handlers): the handler's ``resolve_request`` is wrapped on the
+  instance to copy ``request.resolver_match.route`` (``api/data/``) into the environ or scope.
+- **Starlette/FastAPI**: the router itself leaves the matched route in ``scope["route"]``; mounted
+  sub-applications move ``root_path``, whose growth is the mount prefix.
+
+Without a template, the path is normalised (``/users/42`` -> ``/users/{id}``). Either way a
+:class:`RouteTable` caps the number of distinct labels (overflow ``__other__``) so that a scanner
+sending random paths can not grow memwatch's own memory or the metric cardinality.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+ROUTE_KEY = "memwatch.route"
+OTHER = "__other__"
+UNMATCHED = "__unmatched__"
+
+_MAX_SEGMENTS = 16
+_MAX_PATH = 512
+_NORMALISED_CACHE = 4096
+
+_UUID = re.compile(
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+)
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_NUMERIC = re.compile(r"[0-9][0-9_.:,\-]*")
+_TOKENISH = re.compile(r"[A-Za-z0-9_\-.~+=%]+")
+_WORDISH = re.compile(r"[A-Za-z][A-Za-z_\-.]*[0-9]{0,2}")
+
+
+def normalize_segment(segment: str) -> str:
+    """One path segment, with identifiers and secrets replaced by placeholders."""
+    if not segment:
+        return segment
+    if _NUMERIC.fullmatch(segment):
+        return "{id}"
+    if len(segment) >= 32 and _UUID.fullmatch(segment):
+        return "{uuid}"
+    if len(segment) >= 8 and _HEX.fullmatch(segment) and not segment.isalpha():
+        return "{hex}"
+    if len(segment) >= 16 and _HEX.fullmatch(segment):
+        return "{hex}"
+    if "@" in segment or "%" in segment or not segment.isascii():
+        return "{value}"
+    if len(segment) > 32:
+        return "{token}"
+    if _WORDISH.fullmatch(segment):
+        return segment
+    if len(segment) >= 8 and _TOKENISH.fullmatch(segment):
+        has_digit = any(c.isdigit() for c in segment)
+        if has_digit or not (segment.islower() or segment.isupper()):
+            return "{token}"
+    if any(c.isdigit() for c in segment) and len(segment) >= 4:
+        return "{id}"
+    return segment
+
+
+def normalize_path(path: str) -> str:
+    """A bounded, identifier-free rendering of a raw request path (``/users/{id}/orders``)."""
+    if not path or path == "/":
+        return "/"
+    parts = path[:_MAX_PATH].split("/")
+    if len(parts) > _MAX_SEGMENTS + 1:
+        parts = [*parts[: _MAX_SEGMENTS + 1], "{...}"]
+    return "/".join(normalize_segment(p) for p in parts)
+
+
+class RouteTable:
+    """Maps route templates and normalised paths to labels, at most ``max_routes`` of them.
+
+    Reads are lock-free dict look-ups; only a new label takes the lock.
+    """
+
+    def __init__(self, max_routes: int) -> None:
+        self.max_routes = max_routes
+        self._labels: dict[str, str] = {}
+        self._normalised: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.overflowed = 0
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def label(self, template: str) -> str:
+        label = self._labels.get(template)
+        if label is not None:
+            return label
+        with self._lock:
+            label = self._labels.get(template)
+            if label is None:
+                if len(self._labels) < self.max_routes:
+                    label = self._labels[template] = template
+                else:
+                    # Overflow labels are not remembered: memory stays bounded by max_routes.
+                    self.overflowed += 1
+                    return OTHER
+            return label
+
+    def for_path(self, path: str) -> str:
+        """The label for a raw path with no framework template."""
+        normalised = self._normalised.get(path)
+        if normalised is None:
+            normalised = normalize_path(path)
+            if len(self._normalised) >= _NORMALISED_CACHE:
+                self._normalised.clear()
+            self._normalised[path] = normalised
+        return self.label(normalised)
+
+    def labels(self) -> list[str]:
+        return list(self._labels)
+
+
+def starlette_template(scope: MutableMapping[str, Any], entry_root_path: str) -> str | None:
+    """The template of the route Starlette (or FastAPI) matched, with any mount prefix."""
+    route = scope.get("route")
+    if route is None:
+        return None
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return None
+    root_path = scope.get("root_path", "")
+    if isinstance(root_path, str) and len(root_path) > len(entry_root_path):
+        prefix = normalize_path(root_path[len(entry_root_path) :])
+        return prefix.rstrip("/") + path
+    return path
+
+
+# --- framework hooks, installed once at wrap time -------------------------------------------
+
+
+def install_route_hooks(app: Any) -> str | None:
+    """Teach a Flask or Django application to hand its route template to memwatch.
+
+    Returns the framework's name, or None when ``app`` is neither (Starlette and FastAPI need
+    no hook). Importing a framework is avoided unless the app is one of its objects.
+    """
+    target = getattr(app, "__self__", app)  # app.wsgi_app is a bound method of the Flask app
+    module = type(target).__module__ or ""
+    flask_like = module.startswith("flask") or hasattr(target, "before_request_funcs")
+    if flask_like and _install_flask(target):
+        return "flask"
+    if module.startswith("django.") and _install_django(target):
+        return "django"
+    return None
+
+
+def _flask_mark() -> None:
+    from flask import request
+
+    rule = request.url_rule
+    if rule is not None:
+        request.environ[ROUTE_KEY] = rule.rule
+
+
+def _install_flask(flask_app: Any) -> bool:
+    funcs = getattr(flask_app, "before_request_funcs", None)
+    if not isinstance(funcs, dict):
+        return False
+    chain = funcs.setdefault(None, [])
+    if _flask_mark not in chain:
+        chain.insert(0, _flask_mark)
+    return True
+
+
+def _install_django(handler: Any) -> bool:
+    try:
+        from django.core.handlers.base import BaseHandler
+    except ImportError:  # pragma: no cover - django module without django installed
+        return False
+    if not isinstance(handler, BaseHandler):
+        return False
+    original: Callable[[Any], Any] = handler.resolve_request
+    if getattr(original, "memwatch_hook", False):
+        return True
+
+    def resolve_request(request: Any) -> Any:
+        result = original(request)
+        match = getattr(request, "resolver_match", None)
+        route = getattr(match, "route", None)
+        if isinstance(route, str):
+            route = route or "/"
+            target = getattr(request, "scope", None)
+            if target is None:
+                target = getattr(request, "environ", None)
+            if target is not None:
+                target[ROUTE_KEY] = route
+        return result
+
+    resolve_request.memwatch_hook = True  # type: ignore[attr-defined]
+    handler.resolve_request = resolve_request
+    return True

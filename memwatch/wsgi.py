@@ -1,0 +1,182 @@
+"""WSGI middleware: watches every request of a WSGI application.
+
+Usage::
+
+    import memwatch
+    app.wsgi_app = memwatch.wrap(app.wsgi_app)          # Flask
+    application = memwatch.wrap(get_wsgi_application())  # Django, in wsgi.py
+
+The response is never buffered: the app's iterable is handed to the server as it is, inside a thin
+wrapper whose ``close()`` (called by the server once the body is sent, PEP 3333) forwards to the
+app's ``close()`` exactly once and then records the request. The app's exceptions propagate
+unchanged; memwatch's own failures are caught and counted, and the request goes on.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Iterable, Iterator
+
+from memwatch.config import Config
+from memwatch.core import Memwatch
+from memwatch.endpoints import EndpointRequest
+from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks
+
+if t.TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from memwatch._types import Environ, ExcInfo, Headers, StartResponse, WSGIApp
+    from memwatch.signals import Signals
+
+
+class WSGIMiddleware:
+    """Wraps a WSGI application.
+
+    :param app: The WSGI application.
+    :param config: A :class:`memwatch.Config`; by default built from ``MEMWATCH_*`` variables
+        and ``options``.
+    :param registry: A prometheus_client registry to add memwatch's collector to.
+    :param signals: Readings source (a seam for tests).
+    :param memwatch: Share an existing :class:`memwatch.core.Memwatch` instance.
+    :param options: Any :class:`memwatch.Config` field, as a keyword.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        config: Config | None = None,
+        registry: CollectorRegistry | None = None,
+        signals: Signals | None = None,
+        memwatch: Memwatch | None = None,
+        **options: t.Any,
+    ) -> None:
+        self.app = app
+        self.config = config or (memwatch.config if memwatch else Config.from_env(**options))
+        self.memwatch = memwatch or Memwatch(self.config, registry=registry, signals=signals)
+        self.monitor = self.memwatch.monitor
+        self._endpoints = self.memwatch.endpoints
+        self._enabled = self.config.enabled
+        self.framework = install_route_hooks(app) if self._enabled else None
+        if self._enabled:
+            self.memwatch.log_startup(app, "WSGI")
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if not self._enabled:
+            return self.app(environ, start_response)
+        if self._endpoints.handles(environ.get("PATH_INFO") or "/"):
+            served = self._serve(environ, start_response)
+            if served is not None:
+                return served
+        try:
+            entry = self.monitor.request_entry()
+        except Exception as exc:
+            self.monitor.errors.record("wsgi.entry", exc)
+            entry = None
+        response = _Response(self, environ, start_response, entry)
+        try:
+            result = self.app(environ, response.start_response)
+        except BaseException:
+            response.status = "500"
+            response.close()
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+            # Keep the server's zero-copy path (sendfile): count the request now.
+            response.finish()
+            return result
+        response.iterable = result
+        return response
+
+    def finish(self, environ: Environ, status: str | None, entry: int | None) -> None:
+        """Records a finished request. Never raises."""
+        try:
+            code = int(status[:3]) if status else 500
+            routes = self.monitor.routes
+            template = environ.get(ROUTE_KEY)
+            if template is not None:
+                route = routes.label(template)
+            elif code == 404 and self.framework is not None:
+                route = routes.label(UNMATCHED)
+            else:
+                route = routes.for_path(environ.get("PATH_INFO") or "/")
+            auth, credential = self.monitor.auth.from_environ(environ)
+            self.monitor.request_exit(
+                route, environ.get("REQUEST_METHOD") or "GET", auth, credential, code, entry
+            )
+        except Exception as exc:
+            self.monitor.errors.record("wsgi.finish", exc)
+
+    def _serve(self, environ: Environ, start_response: StartResponse) -> list[bytes] | None:
+        try:
+            forwarded = (
+                environ.get("HTTP_X_FORWARDED_FOR")
+                or environ.get("HTTP_FORWARDED")
+                or environ.get("HTTP_X_REAL_IP")
+            )
+            request = EndpointRequest(
+                method=environ.get("REQUEST_METHOD") or "GET",
+                path=environ.get("PATH_INFO") or "/",
+                client=environ.get("REMOTE_ADDR"),
+                authorization=environ.get("HTTP_AUTHORIZATION"),
+                forwarded_for=forwarded,
+            )
+            response = self._endpoints.respond(request, environ.get("HTTP_ACCEPT"))
+        except Exception as exc:
+            self.monitor.errors.record("wsgi.endpoint", exc)
+            return None
+        start_response(response.status_line, response.headers)
+        return [response.body]
+
+
+class _Response:
+    """The app's response iterable, passed through untouched, with a ``close()`` that records."""
+
+    __slots__ = (
+        "_environ",
+        "_middleware",
+        "_start_response",
+        "closed",
+        "entry",
+        "iterable",
+        "status",
+    )
+
+    def __init__(
+        self,
+        middleware: WSGIMiddleware,
+        environ: Environ,
+        start_response: StartResponse,
+        entry: int | None,
+    ) -> None:
+        self._middleware = middleware
+        self._environ = environ
+        self._start_response = start_response
+        self.entry = entry
+        self.status: str | None = None
+        self.iterable: Iterable[bytes] = ()
+        self.closed = False
+
+    def start_response(
+        self, status: str, headers: Headers, exc_info: ExcInfo | None = None
+    ) -> t.Callable[[bytes], object]:
+        self.status = status
+        return self._start_response(status, headers, exc_info)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.iterable)
+
+    def finish(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._middleware.finish(self._environ, self.status, self.entry)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            close = getattr(self.iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.finish()
