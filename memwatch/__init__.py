@@ -37,7 +37,7 @@ def detect_protocol(app: object) -> t.Literal["wsgi", "asgi"]:
     """Tells a WSGI callable from an ASGI 3 one, the way asgiref inspects callables.
 
     A coroutine function (or an object whose ``__call__`` is one) is ASGI; otherwise the number
-    of positional parameters decides: two (environ, start_response) is WSGI, three (scope,
+    of required positional parameters decides: two (environ, start_response) is WSGI, three (scope,
     receive, send) is ASGI. Anything else is ambiguous: pass ``protocol=`` explicitly.
     """
     from asgiref.sync import iscoroutinefunction
@@ -45,19 +45,22 @@ def detect_protocol(app: object) -> t.Literal["wsgi", "asgi"]:
     call = getattr(app, "__call__", None)  # noqa: B004 - we want the method, not callable()
     if call is None:
         raise ConfigError(f"memwatch.wrap() needs a WSGI or ASGI callable, got {app!r}")
-    if iscoroutinefunction(app) or iscoroutinefunction(call):
-        return "asgi"
+    # Before the coroutine test: a class's __call__ is its instances' method, so an ASGI 2 class
+    # with an async __call__ would otherwise pass for an ASGI 3 callable.
     if inspect.isclass(app):
         raise ConfigError(
             f"{app!r} is a class: for an ASGI 2 (double-callable) application wrap "
             "asgiref.compatibility.guarantee_single_callable(app); for anything else pass "
             "protocol='wsgi' or protocol='asgi'"
         )
+    if iscoroutinefunction(app) or iscoroutinefunction(call):
+        return "asgi"
     try:
+        # Required parameters only: a WSGI app with an optional third parameter is still WSGI.
         params = [
             p
             for p in inspect.signature(app).parameters.values()  # type: ignore[arg-type]
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
         ]
     except (TypeError, ValueError):
         params = []

@@ -25,6 +25,7 @@ if t.TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from memwatch._types import ASGIApp, Message, Receive, Scope, Send
+    from memwatch.attribution import Probe
     from memwatch.signals import Signals
 
 _FORWARD_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
@@ -94,7 +95,7 @@ class ASGIMiddleware:
         finally:
             self.finish(scope, status or 500, entry, root_path)
 
-    def finish(self, scope: Scope, status: int, entry: int | None, root_path: str) -> None:
+    def finish(self, scope: Scope, status: int, entry: Probe | None, root_path: str) -> None:
         """Records a finished request. Never raises."""
         try:
             routes = self.monitor.routes

@@ -50,7 +50,9 @@ class AuthClassifier:
         """Classify a WSGI request."""
         authorization = environ.get("HTTP_AUTHORIZATION")
         if authorization:
-            return classify_authorization(str(authorization))
+            found = classify_authorization(str(authorization))
+            if found is not ANONYMOUS:  # a blank header leaves the other sources to decide
+                return found
         for key in self._apikey_environ:
             value = environ.get(key)
             if value:
@@ -81,10 +83,12 @@ class AuthClassifier:
                 authorization = value
             elif name == b"cookie":
                 cookie = value if cookie is None else cookie + b"; " + value
-            elif apikey is None and name in self._apikey_raw:
+            elif not apikey and name in self._apikey_raw:
                 apikey = value
         if authorization:
-            return classify_authorization(authorization[:_MAX_VALUE].decode("latin-1"))
+            found = classify_authorization(authorization[:_MAX_VALUE].decode("latin-1"))
+            if found is not ANONYMOUS:  # a blank header leaves the other sources to decide
+                return found
         if apikey:
             return "apikey", apikey[:_MAX_VALUE].decode("latin-1")
         query = get("query_string")
@@ -98,32 +102,30 @@ class AuthClassifier:
                 return found
         return ANONYMOUS
 
+    # Names are compared on each part's own prefix, not through offsets into a lowered copy:
+    # str.lower() can change a string's length (U+0130 becomes two characters), which would
+    # shift the offsets and let the credential slice run past the bound.
     def _from_query(self, query: str) -> Classified | None:
-        lowered = query[:_MAX_VALUE].lower()
+        query = query[:_MAX_VALUE]
+        lowered = query.lower()
         for needle, scheme in self._query:
             if needle not in lowered:
                 continue
-            offset = 0
-            for part in lowered.split("&"):
-                if part.startswith(needle):
-                    value = query[offset + len(needle) : offset + len(part)]
-                    return scheme, value or None
-                offset += len(part) + 1
+            for part in query.split("&"):
+                if part[: len(needle)].lower() == needle:
+                    return scheme, part[len(needle) :] or None
         return None
 
     def _from_cookie(self, cookie: str) -> Classified | None:
-        lowered = cookie[:_MAX_VALUE].lower()
+        cookie = cookie[:_MAX_VALUE]
+        lowered = cookie.lower()
         for needle in self._cookies_lower:
             if needle not in lowered:
                 continue
-            offset = 0
-            for part in lowered.split(";"):
+            for part in cookie.split(";"):
                 stripped = part.lstrip()
-                if stripped.startswith(needle):
-                    start = offset + (len(part) - len(stripped)) + len(needle)
-                    end = offset + len(part)
-                    return "session", cookie[start:end].strip() or None
-                offset += len(part) + 1
+                if stripped[: len(needle)].lower() == needle:
+                    return "session", stripped[len(needle) :].strip() or None
         return None
 
 
@@ -132,9 +134,11 @@ def classify_authorization(header: str) -> Classified:
     value = header[:_MAX_VALUE].strip()
     if not value:
         return ANONYMOUS
-    scheme, _, rest = value.partition(" ")
+    # Any whitespace separates the scheme, as in the frameworks that read the header (DRF's
+    # get_authorization_header().split()): "Bearer\tabc" is a bearer token.
+    scheme, *tail = value.split(None, 1)
     lowered = scheme.lower()
-    rest = rest.strip()
+    rest = tail[0].strip() if tail else ""
     named = _NAMED_SCHEMES.get(lowered)
     if named == "digest":
         return "digest", _digest_username(rest)

@@ -52,7 +52,21 @@ class Config:
         sample_every_seconds: ... or every T seconds, whichever comes first.
         sample_budget_us: CPU budget per request, in microseconds, for heap-sized readings; the
             sampling interval stretches when such a reading gets expensive (large heaps).
-        request_sample_rate: Fraction of requests measured individually (heap before/after).
+        request_sample_rate: Largest fraction of requests measured individually (the heap at
+            their entry and at the next request's entry); lowered automatically so that the
+            readings stay within ``pair_budget_us`` per request.
+        pair_budget_us: CPU budget per request, in microseconds, for per-request measurements.
+        warmup_requests: Requests ignored by the detector while the app warms up.
+        window_samples: Samples in the detector's sliding window.
+        envelope_width: Samples per lower-envelope block (removes the gc sawtooth).
+        alpha: Significance level of the trend test.
+        min_growth_bytes: Smallest heap growth, in bytes per request, that can be a leak.
+        min_growth_rss: Smallest RSS growth, in bytes per request, that can be a leak (RSS moves
+            in coarse steps, so it needs a higher floor).
+        min_route_bytes: Smallest retained bytes per request for a route to be suspected.
+        confirm: Consecutive suspicious evaluations before a leak is reported.
+        clear: Consecutive clean evaluations before a reported leak clears.
+        detector_budget_us: CPU budget per request, in microseconds, for running the detector.
         heap_block_bytes: Mean size assumed for one Python heap block when converting block
             counts to bytes (calibrated from tracemalloc when a diagnosis window runs).
         history_size: Number of periodic samples kept (ring buffer).
@@ -78,10 +92,21 @@ class Config:
         "_session_id",
     )
     query_credentials: tuple[str, ...] = ("access_token", "api_key", "apikey", "token", "key")
-    sample_every_requests: int = 100
+    sample_every_requests: int = 50
     sample_every_seconds: float = 1.0
     sample_budget_us: float = 0.25
-    request_sample_rate: float = 0.02
+    request_sample_rate: float = 0.25
+    pair_budget_us: float = 0.5
+    warmup_requests: int = 2000
+    window_samples: int = 192
+    envelope_width: int = 3
+    alpha: float = 0.001
+    min_growth_bytes: float = 8.0
+    min_growth_rss: float = 64.0
+    min_route_bytes: float = 16.0
+    confirm: int = 2
+    clear: int = 3
+    detector_budget_us: float = 0.25
     heap_block_bytes: float = 64.0
     history_size: int = 1024
     diagnosis: DiagnosisMode = "triggered"
@@ -120,7 +145,26 @@ class Config:
             "expected a fraction between 0 and 1",
         )
         need(self.heap_block_bytes > 0, "heap_block_bytes", "expected a positive number")
-        need(self.history_size >= 16, "history_size", "expected at least 16")
+        need(self.pair_budget_us > 0, "pair_budget_us", "expected a positive number")
+        need(self.detector_budget_us > 0, "detector_budget_us", "expected a positive number")
+        need(self.warmup_requests >= 0, "warmup_requests", "expected 0 or more")
+        need(self.envelope_width >= 1, "envelope_width", "expected at least 1")
+        need(
+            self.window_samples >= 16 * self.envelope_width,
+            "window_samples",
+            "expected at least 16 envelope blocks (16 * envelope_width)",
+        )
+        need(0 < self.alpha < 0.5, "alpha", "expected a significance level between 0 and 0.5")
+        need(self.min_growth_bytes >= 0, "min_growth_bytes", "expected 0 or more")
+        need(self.min_growth_rss >= 0, "min_growth_rss", "expected 0 or more")
+        need(self.min_route_bytes >= 0, "min_route_bytes", "expected 0 or more")
+        need(self.confirm >= 1, "confirm", "expected at least 1")
+        need(self.clear >= 1, "clear", "expected at least 1")
+        need(
+            self.history_size >= self.window_samples,
+            "history_size",
+            "expected at least window_samples",
+        )
         for name in ("token", "metrics_token"):
             value = getattr(self, name)
             need(value is None or len(value) >= 8, name, "expected at least 8 characters")

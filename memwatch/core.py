@@ -12,7 +12,7 @@ from memwatch.config import Config
 from memwatch.endpoints import Endpoints
 from memwatch.exporter import MemwatchCollector, render_metrics
 from memwatch.monitor import Monitor
-from memwatch.report import Leak, Report, build_report, to_json
+from memwatch.report import Leak, Report, build_report, leak_of, to_json
 from memwatch.signals import Signals
 
 logger = logging.getLogger("memwatch")
@@ -40,7 +40,7 @@ class Memwatch:
         self.config = config
         self.monitor = monitor or Monitor(config, signals=signals)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
-        self.collector = MemwatchCollector(self.monitor, self.verdict)
+        self.collector = MemwatchCollector(self.monitor)
         self.registry.register(self.collector)
         self.endpoints = Endpoints(
             config,
@@ -49,12 +49,12 @@ class Memwatch:
             report_html=lambda: html.render(self.report()).encode("utf-8"),
         )
 
-    def verdict(self) -> Leak | None:
-        """The current leak verdict; the detector fills it in."""
-        return None
+    def verdict(self) -> Leak:
+        """The current leak verdict, as the report's ``leak`` section."""
+        return leak_of(self.monitor.snapshot())
 
     def report(self) -> Report:
-        return build_report(self.monitor.snapshot(), leak=self.verdict(), now=time.time())
+        return build_report(self.monitor.snapshot(), now=time.time())
 
     def render_metrics(self, accept: str | None) -> tuple[str, bytes]:
         return render_metrics(self.registry, accept)

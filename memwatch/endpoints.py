@@ -103,6 +103,13 @@ class Endpoints:
         return path == self.metrics_path or path.startswith(self.report_path)
 
     def respond(self, request: EndpointRequest, accept: str | None = None) -> EndpointResponse:
+        response = self._route(request, accept)
+        if request.method == "HEAD" and response.body:
+            # Every answer to HEAD goes without a body (401 and 404 too), headers unchanged.
+            return EndpointResponse(response.status, response.headers, b"")
+        return response
+
+    def _route(self, request: EndpointRequest, accept: str | None) -> EndpointResponse:
         path = request.path
         if path == self.metrics_path:
             return self._serve_metrics(request, accept)

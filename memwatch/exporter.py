@@ -14,7 +14,7 @@ Use it with any registry::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -27,19 +27,16 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from memwatch.monitor import DELTA_BUCKETS, Monitor
-from memwatch.report import Leak
 
 
 class MemwatchCollector(Collector):
     """Builds memwatch's metric families from the monitor's state at scrape time.
 
     :param monitor: The monitor to read.
-    :param verdict: Returns the current leak verdict (the detector's); None while unknown.
     """
 
-    def __init__(self, monitor: Monitor, verdict: Callable[[], Leak | None] | None = None) -> None:
+    def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
-        self._verdict = verdict or (lambda: None)
 
     def describe(self) -> list[Metric]:
         # An empty describe() lets the registry accept the collector without calling collect()
@@ -84,12 +81,52 @@ class MemwatchCollector(Collector):
             value=1 if reading.traced_bytes is not None else 0,
         )
 
-        leak = self._verdict()
+        verdict = snap.verdict
         yield GaugeMetricFamily(
             "memwatch_leak_suspected",
             "1 when memwatch suspects that this process leaks memory, else 0.",
-            value=1 if leak is not None and leak.suspected else 0,
+            value=1 if verdict.suspected else 0,
         )
+        yield CounterMetricFamily(
+            "memwatch_leak_alerts",
+            "Times a leak became suspected in this process.",
+            value=verdict.alerts,
+        )
+        per_request = GaugeMetricFamily(
+            "memwatch_growth_bytes_per_request",
+            "Sustained memory growth per request by signal (Theil-Sen slope over the detector's "
+            "window; 0 while no significant trend).",
+            labels=["signal"],
+        )
+        per_second = GaugeMetricFamily(
+            "memwatch_growth_bytes_per_second",
+            "Sustained memory growth per second by signal (0 while no significant trend).",
+            labels=["signal"],
+        )
+        for signal, trend in sorted(verdict.trends.items()):
+            per_request.add_metric([signal], _finite(trend.bytes_per_request))
+            per_second.add_metric([signal], _finite(trend.bytes_per_second))
+        yield per_request
+        yield per_second
+        retained = GaugeMetricFamily(
+            "memwatch_route_retained_bytes_per_request",
+            "Estimated bytes retained per request, by route, method and auth scheme.",
+            labels=["route", "method", "auth"],
+        )
+        route_suspected = GaugeMetricFamily(
+            "memwatch_route_leak_suspected",
+            "1 when a route's retained bytes per request are significantly above zero during a "
+            "suspected leak, else 0.",
+            labels=["route", "method", "auth"],
+        )
+        for route_estimate in sorted(snap.routes, key=lambda e: e.key):
+            if route_estimate.retained_bytes_per_request is None:
+                continue
+            labels = list(route_estimate.key)
+            retained.add_metric(labels, _finite(route_estimate.retained_bytes_per_request))
+            route_suspected.add_metric(labels, 1 if route_estimate.suspected else 0)
+        yield retained
+        yield route_suspected
 
         histogram = HistogramMetricFamily(
             "memwatch_request_memory_delta_bytes",
@@ -119,6 +156,10 @@ class MemwatchCollector(Collector):
             "memwatch's own internal failures (each caught; the request went on).",
             value=snap.internal_errors,
         )
+
+
+def _finite(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else 0.0
 
 
 def render_metrics(registry: CollectorRegistry, accept: str | None) -> tuple[str, bytes]:

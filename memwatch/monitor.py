@@ -9,6 +9,7 @@ runs on a sample of requests, at a rate derived from its measured cost.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import random
@@ -18,12 +19,20 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from memwatch.attribution import Pair, Probe, RouteAttribution, RouteEstimate, RouteKey
 from memwatch.auth import AUTH_SCHEMES, AuthClassifier
 from memwatch.config import Config
-from memwatch.errors import InternalErrors
+from memwatch.detector import Detector, Verdict
+from memwatch.errors import InternalErrors, logger
 from memwatch.routes import RouteTable
 from memwatch.signals import Sample, Signals
-from memwatch.sketch import Fingerprinter, HyperLogLog
+from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
+
+LeakCallback = Callable[["Monitor", Verdict], object]
+
+# One credential in FIRST_SEEN_SAMPLING goes through the first-seen filter (chosen by its keyed
+# hash, so a credential is always in or always out): a quarter of the cost, the same shape.
+FIRST_SEEN_SAMPLING = 4
 
 OUTCOMES = ("ok", "rejected", "client_error", "server_error")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -93,6 +102,9 @@ class Snapshot:
     history: list[Sample]
     internal_errors: int
     routes_overflowed: int
+    verdict: Verdict
+    routes: list[RouteEstimate]
+    scales_with: str | None
 
 
 class Monitor:
@@ -111,8 +123,12 @@ class Monitor:
         signals: Signals | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        on_leak: LeakCallback | None = None,
+        on_clear: LeakCallback | None = None,
     ) -> None:
         self.config = config or Config()
+        self.on_leak = on_leak
+        self.on_clear = on_clear
         self.signals = signals or Signals()
         self.errors = InternalErrors()
         self.routes = RouteTable(self.config.max_routes)
@@ -132,6 +148,17 @@ class Monitor:
         self._counts: dict[RequestKey, int] = {}
         self._deltas: dict[tuple[str, str], DeltaHistogram] = {}
         self._sketches = {scheme: HyperLogLog() for scheme in AUTH_SCHEMES if scheme != "anonymous"}
+        self._first_seen_filter = FirstSeenFilter()
+        self._first_seen_old: FirstSeenFilter | None = None
+        self.first_seen = 0
+        self._open: Probe | None = None
+        self.attribution = RouteAttribution()
+        self.detector = Detector(self.config)
+        self.route_estimates: list[RouteEstimate] = []
+        self.scales_with: str | None = None
+        self._samples_since_eval = 0
+        self._requests_at_eval = 0
+        self._eval_cost_us = 0.0
         self.history: collections.deque[Sample] = collections.deque(
             maxlen=self.config.history_size
         )
@@ -139,7 +166,7 @@ class Monitor:
         self._last_sample_requests = 0
         self._min_interval = self.config.sample_every_requests
         self._cost_interval = 1
-        self._delta_rate = self.config.request_sample_rate
+        self._pair_rate = self.config.request_sample_rate
 
     def _after_fork(self) -> None:
         # A worker forked from a master that served requests (or held a lock) starts afresh.
@@ -150,11 +177,42 @@ class Monitor:
 
     # --- the per-request path ----------------------------------------------------------------
 
-    def request_entry(self) -> int | None:
-        """Called when a request enters; returns a heap reading if the request is measured."""
-        if self._random() < self._delta_rate:
-            return self.signals.heap_blocks()
+    def request_entry(self) -> Probe | None:
+        """Called when a request enters; returns a probe if the request is measured.
+
+        A measured request reads the heap at its entry; the next request to enter reads it
+        again, and the delta between the two entries is charged to both (see
+        :mod:`memwatch.attribution`).
+        """
+        if self._open is not None:
+            return self._probe_next()
+        if self._random() < self._pair_rate:
+            return self._probe_first()
         return None
+
+    def _probe_first(self) -> Probe | None:
+        signals = self.signals
+        probe = Probe(signals.heap_blocks(), signals.collections_total(), True)
+        with self._lock:
+            if self._open is None:
+                self._open = probe
+                return probe
+        return None  # another thread opened a pair first
+
+    def _probe_next(self) -> Probe | None:
+        with self._lock:
+            first, self._open = self._open, None
+        if first is None:
+            return None
+        signals = self.signals
+        probe = Probe(signals.heap_blocks(), signals.collections_total(), False)
+        delta: float | None = None
+        if probe.collections == first.collections:
+            delta = (probe.heap - first.heap) * self.config.heap_block_bytes
+        pair = Pair(first, probe, delta)
+        with self._lock:
+            first.pair = probe.pair = pair
+        return probe
 
     def request_exit(
         self,
@@ -163,14 +221,12 @@ class Monitor:
         auth: str,
         credential: str | None,
         status: int,
-        entry_heap: int | None,
+        probe: Probe | None,
     ) -> None:
         """Records a finished request (its response fully sent, or failed)."""
-        delta: float | None = None
-        if entry_heap is not None:
-            delta = (self.signals.heap_blocks() - entry_heap) * self.config.heap_block_bytes
         fingerprint = self._fingerprinter.fingerprint(credential) if credential else None
-        key = (route, method_label(method), auth, outcome_of(status))
+        method = method_label(method)
+        key = (route, method, auth, outcome_of(status))
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
             self.requests += 1
@@ -178,17 +234,49 @@ class Monitor:
                 sketch = self._sketches.get(auth)
                 if sketch is not None:
                     sketch.add(fingerprint)
-            if delta is not None:
-                hist = self._deltas.get((route, auth))
-                if hist is None:
-                    hist = self._deltas[(route, auth)] = DeltaHistogram()
-                hist.observe(delta)
+                if fingerprint % FIRST_SEEN_SAMPLING == 0:
+                    self._note_credential(fingerprint)
+            if probe is not None:
+                self._probe_done(probe, (route, method, auth))
             since = self.requests - self._last_sample_requests
         if since >= self._min_interval or (
             since >= self._cost_interval
             and self._clock() - self._last_sample_time >= self.config.sample_every_seconds
         ):
             self.take_sample()
+
+    def _note_credential(self, fingerprint: int) -> None:
+        """Counts first-seen credentials with two rotating Bloom filters (under the lock).
+
+        When the current filter fills up, the previous one is dropped and a fresh one starts;
+        a credential is first-seen only if neither knows it, so rotation causes no burst.
+        """
+        current = self._first_seen_filter
+        new = current.add(fingerprint)
+        old = self._first_seen_old
+        if new and (old is None or old.add(fingerprint)):
+            self.first_seen += FIRST_SEEN_SAMPLING
+        if current.saturation() > 0.2:
+            self._first_seen_old = current
+            self._first_seen_filter = FirstSeenFilter()
+
+    def _probe_done(self, probe: Probe, key: RouteKey) -> None:
+        """Completes a probe's pair once both requests have finished (under the lock)."""
+        probe.key = key
+        pair = probe.pair
+        if pair is None or pair.a.key is None or pair.b.key is None:
+            return
+        pair.a.pair = pair.b.pair = None
+        if pair.delta is None:
+            return
+        if self.requests >= self.config.warmup_requests:
+            # Warm-up allocations land on whichever routes come first: keep them out.
+            self.attribution.add(pair.a.key, pair.b.key, pair.delta)
+        route, _method, auth = pair.a.key
+        hist = self._deltas.get((route, auth))
+        if hist is None:
+            hist = self._deltas[(route, auth)] = DeltaHistogram()
+        hist.observe(pair.delta)
 
     # --- periodic samples -------------------------------------------------------------------
 
@@ -205,9 +293,108 @@ class Monitor:
             self._last_sample_time = sample.time
             self._last_sample_requests = sample.requests
             self._adapt_to_cost()
+            self._samples_since_eval += 1
+            if self._evaluation_due(sample):
+                self.evaluate()
             return sample
         finally:
             self._sample_lock.release()
+
+    def _evaluation_due(self, sample: Sample) -> bool:
+        """Every envelope block, but no more often than the detector's CPU budget allows."""
+        if self._samples_since_eval < self.config.envelope_width:
+            return False
+        if sample.requests < self.config.warmup_requests:
+            return False
+        budget = self.config.detector_budget_us
+        if any(t.bytes_per_request is not None for t in self.detector.verdict.trends.values()):
+            budget *= 8  # a trend is on: look closer, for a while
+        spacing = self._eval_cost_us / budget
+        return sample.requests - self._requests_at_eval >= spacing
+
+    def evaluate(self) -> Verdict:
+        """Runs the detector and attribution over the history; reports transitions."""
+        start = time.perf_counter()
+        try:
+            history = list(self.history)
+            before = self.detector.verdict.suspected
+            verdict = self.detector.evaluate(history, time.time())
+            self._update_attribution(history, verdict)
+            if verdict.suspected != before:
+                self._transition(verdict)
+            return verdict
+        except Exception as exc:
+            self.errors.record("detector", exc)
+            return self.detector.verdict
+        finally:
+            self._samples_since_eval = 0
+            self._requests_at_eval = self.requests
+            self._eval_cost_us = (time.perf_counter() - start) * 1e6
+
+    def _update_attribution(self, history: list[Sample], verdict: Verdict) -> None:
+        from memwatch.attribution import scales_with
+        from memwatch.detector import signal_series
+
+        with self._lock:
+            attribution = self.attribution.copy()
+            per_key: dict[RouteKey, int] = {}
+            for (route, method, auth, _outcome), n in self._counts.items():
+                per_key[(route, method, auth)] = per_key.get((route, method, auth), 0) + n
+            total = self.requests
+        shares = {k: n / total for k, n in per_key.items()} if total else {}
+        estimates = attribution.estimates(shares)
+        minimum = self.config.min_route_bytes
+        self.route_estimates = [
+            dataclasses.replace(
+                e,
+                suspected=verdict.suspected
+                and e.significant
+                and (e.retained_bytes_per_request or 0.0) >= minimum,
+            )
+            for e in estimates
+        ]
+        if verdict.suspected and verdict.signal is not None:
+            cfg = self.config
+            window = [s for s in history if s.requests >= cfg.warmup_requests]
+            window = window[-cfg.window_samples :]
+            _xs, _ts, values = signal_series(window, verdict.signal, cfg.heap_block_bytes)
+            if len(values) == len(window):
+                self.scales_with = scales_with(window, values, cfg.envelope_width)
+        else:
+            self.scales_with = None
+
+    def _transition(self, verdict: Verdict) -> None:
+        """One WARNING when a leak is first suspected, one when it clears; then the callbacks."""
+        if verdict.suspected:
+            suspects = [e for e in self.route_estimates if e.suspected]
+            where = ", ".join(f"{e.key[1]} {e.key[0]} auth={e.key[2]}" for e in suspects[:5])
+            logger.warning(
+                "memwatch: memory leak suspected on %s: %.0f bytes/request, %.0f bytes/s, "
+                "confidence %.4f; routes: %s; scales with %s",
+                verdict.signal,
+                verdict.bytes_per_request or 0.0,
+                verdict.bytes_per_second or 0.0,
+                verdict.confidence or 0.0,
+                where or "not yet attributed",
+                self.scales_with or "unknown",
+                extra={
+                    "memwatch_event": "leak_suspected",
+                    "memwatch_signal": verdict.signal,
+                    "memwatch_routes": [list(e.key) for e in suspects[:5]],
+                },
+            )
+            callback = self.on_leak
+        else:
+            logger.warning(
+                "memwatch: the suspected memory leak has cleared",
+                extra={"memwatch_event": "leak_cleared"},
+            )
+            callback = self.on_clear
+        if callback is not None:
+            try:
+                callback(self, verdict)
+            except Exception as exc:
+                self.errors.record("callback", exc)
 
     def read_signals(self) -> Sample:
         """Reads every signal now; a reading that fails is None and counted as an error."""
@@ -238,6 +425,7 @@ class Monitor:
             gc_pending=pending,
             gc_collections=collections_,
             traced_bytes=traced,
+            first_seen=self.first_seen,
         )
 
     def _adapt_to_cost(self) -> None:
@@ -246,8 +434,11 @@ class Monitor:
         cost = self.signals.heap_cost_us
         self._cost_interval = max(1, math.ceil(cost / budget))
         self._min_interval = max(self.config.sample_every_requests, self._cost_interval)
-        # A measured request costs two heap readings.
-        self._delta_rate = min(self.config.request_sample_rate, budget / (2.0 * cost))
+        # A measured pair of requests costs two heap readings and two gc-statistics readings.
+        pair_cost = 2.0 * cost
+        self._pair_rate = min(
+            self.config.request_sample_rate, self.config.pair_budget_us / pair_cost
+        )
 
     # --- reading the state --------------------------------------------------------------------
 
@@ -270,6 +461,9 @@ class Monitor:
             history=list(self.history),
             internal_errors=self.errors.total,
             routes_overflowed=self.routes.overflowed,
+            verdict=dataclasses.replace(self.detector.verdict),
+            routes=list(self.route_estimates),
+            scales_with=self.scales_with,
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,27 @@ def isoformat(epoch: float) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+def _round(value: float | None, digits: int = 1) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits)
+
+
+def leak_of(snapshot: Snapshot) -> Leak:
+    """The report's ``leak`` section from the detector's verdict."""
+    v = snapshot.verdict
+    return Leak(
+        suspected=v.suspected,
+        status=v.status,
+        signal=v.signal,
+        growth_bytes_per_request=_round(v.bytes_per_request),
+        growth_bytes_per_second=_round(v.bytes_per_second),
+        confidence=_round(v.confidence, 6),
+        since=isoformat(v.since_wall) if v.since_wall is not None else None,
+        scales_with=snapshot.scales_with if v.suspected else None,
+    )
+
+
 def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) -> Report:
     from memwatch import __version__
 
@@ -107,10 +129,29 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
     for (route, method, auth, _outcome), count in snapshot.counts.items():
         key = (route, method, auth)
         per_route[key] = per_route.get(key, 0) + count
-    routes = [
-        RouteStat(route=r, method=m, auth=a, requests=n)
-        for (r, m, a), n in sorted(per_route.items(), key=lambda kv: (-kv[1], kv[0]))
-    ][:MAX_ROUTES_IN_REPORT]
+    estimates = {e.key: e for e in snapshot.routes}
+    routes = []
+    for (r, m, a), n in sorted(
+        per_route.items(),
+        key=lambda kv: (
+            not (estimates.get(kv[0]) and estimates[kv[0]].suspected),
+            -kv[1],
+            kv[0],
+        ),
+    )[:MAX_ROUTES_IN_REPORT]:
+        estimate = estimates.get((r, m, a))
+        routes.append(
+            RouteStat(
+                route=r,
+                method=m,
+                auth=a,
+                requests=n,
+                retained_bytes_per_request=_round(
+                    estimate.retained_bytes_per_request if estimate else None
+                ),
+                suspected=bool(estimate and estimate.suspected),
+            )
+        )
     history = _thin(snapshot.history)
     last = snapshot.history[-1] if snapshot.history else None
     process = ProcessInfo(
@@ -125,7 +166,7 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         distinct_credentials={k: round(v, 1) for k, v in snapshot.distinct_credentials.items()},
     )
     return Report(
-        leak=leak or Leak(),
+        leak=leak or leak_of(snapshot),
         routes=routes,
         process=process,
         history=history,
@@ -137,7 +178,9 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
 def _thin(samples: list[Any]) -> list[HistoryPoint]:
     if not samples:
         return []
-    step = max(1, -(-len(samples) // MAX_HISTORY_POINTS))
+    # Every step-th sample from the first, plus the last: a step of ceil((n - 1) / (MAX - 1))
+    # keeps that within MAX points (ceil(n / MAX) gave MAX + 1 for n = 2 * MAX, for example).
+    step = max(1, -(-(len(samples) - 1) // (MAX_HISTORY_POINTS - 1)))
     chosen = samples[::step]
     if chosen[-1] is not samples[-1]:
         chosen.append(samples[-1])

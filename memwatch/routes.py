@@ -55,7 +55,13 @@ def normalize_segment(segment: str) -> str:
         return "{value}"
     if len(segment) > 32:
         return "{token}"
-    if _WORDISH.fullmatch(segment):
+    # A long mixed-case run of letters is a random token far more often than a path word: one
+    # secrets.token_urlsafe(16) in 40 has no digit, and would otherwise pass for a word (and end
+    # up in the metrics). Python web paths are lowercase by convention; frameworks supply a
+    # template anyway. Long camelCase segments therefore become {token} as well.
+    if _WORDISH.fullmatch(segment) and (
+        len(segment) < 12 or segment.islower() or segment.isupper()
+    ):
         return segment
     if len(segment) >= 8 and _TOKENISH.fullmatch(segment):
         has_digit = any(c.isdigit() for c in segment)
@@ -122,11 +128,23 @@ class RouteTable:
 
 
 def starlette_template(scope: MutableMapping[str, Any], entry_root_path: str) -> str | None:
-    """The template of the route Starlette (or FastAPI) matched, with any mount prefix."""
+    """The template of the route Starlette (or FastAPI) matched, with any mount prefix.
+
+    None when no endpoint route matched: a ``Mount`` left as the route means a plain ASGI app
+    served the request below the prefix (or the mounted app found nothing), so the caller falls
+    back to the normalised path (or ``__unmatched__`` for a 404).
+    """
     route = scope.get("route")
-    if route is None:
+    if route is None or hasattr(route, "routes"):  # Mount and Host have routes, endpoints none
         return None
     path = getattr(route, "path", None)
+    fastapi = scope.get("fastapi")
+    if fastapi is not None:
+        # FastAPI >= 0.137 no longer copies included routes: scope["route"] is the router's own
+        # APIRoute without the include_router() prefixes; the prefixed path is in its context.
+        context = fastapi.get("effective_route_context")
+        if context is not None and getattr(context, "original_route", None) is route:
+            path = getattr(context, "path", path)
     if not isinstance(path, str):
         return None
     root_path = scope.get("root_path", "")

@@ -44,6 +44,7 @@ class Sample:
     gc_pending: int  # container objects allocated since the last generation-0 collection
     gc_collections: tuple[int, ...]  # collections so far, per generation
     traced_bytes: int | None  # tracemalloc's current traced size, when tracing
+    first_seen: int = 0  # credentials seen for the first time so far (estimated)
 
 
 class Signals:
@@ -86,8 +87,10 @@ class Signals:
             try:
                 return self._statm_rss()
             except (OSError, ValueError, IndexError):
-                self.statm_path = None  # unreadable: fall back for good, the caller counts it
-                raise
+                # Unreadable or malformed: fall back for good, on this very reading (a sample
+                # must not lose its RSS while another source works), and drop the descriptor.
+                self.statm_path = None
+                self.close()
         process = self._process
         if process is None:
             if psutil is None:
@@ -113,12 +116,21 @@ class Signals:
         """Allocated Python heap blocks, timing the reading (its cost grows with the heap)."""
         start = self._clock()
         blocks = self._heap_blocks()
-        self.heap_cost_us = max((self._clock() - start) * 1e6, 0.01)
+        cost = max((self._clock() - start) * 1e6, 0.01)
+        # Smoothed, so that one reading slowed by a context switch does not throttle sampling.
+        self.heap_cost_us = 0.8 * self.heap_cost_us + 0.2 * cost
         return blocks
 
     def gc_pending(self) -> int:
         """Container objects allocated since the last generation-0 collection (O(1))."""
         return self._gc_count()[0]
+
+    def collections_total(self) -> int:
+        """Garbage collections (any generation) since memwatch started watching: O(1).
+
+        Counted by a ``gc.callbacks`` hook; ``gc.get_stats()`` costs about 3 µs.
+        """
+        return _GC_RUNS[0]
 
     def gc_collections(self) -> tuple[int, ...]:
         return tuple(int(gen.get("collections", 0)) for gen in self._gc_stats())
@@ -132,6 +144,18 @@ class Signals:
         if self._fd is not None and self._fd_pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+
+
+_GC_RUNS = [0]
+
+
+def _count_collection(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _GC_RUNS[0] += 1
+
+
+if _count_collection not in gc.callbacks:
+    gc.callbacks.append(_count_collection)
 
 
 def _page_size() -> int:

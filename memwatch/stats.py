@@ -9,13 +9,13 @@ assumption about the noise distribution and are not moved by a few wild readings
   later readings are above rather than below each earlier one. With the variance corrected for
   tied readings (heap-block counts tie often) and a normal approximation with continuity
   correction, it gives a one-sided p-value for "the series increases". ``S`` is computed with an
-  insertion-sorted list and binary search, so it costs O(n log n) comparisons in C rather than a
-  Python-level double loop.
+  insertion-sorted list and binary search (O(n log n) comparisons, inserts done by C memmove)
+  rather than a Python-level double loop: 0.2-0.3 ms at n = 256.
 * **Rate: Theil-Sen slope** (Theil 1950; Sen 1968): the median of all pairwise slopes, robust to
   about 29 % of outliers, with Sen's distribution-free confidence interval, whose ranks come from
-  the Mann-Kendall variance of S (as tabulated in Gilbert 1987, "Statistical Methods for
-  Environmental Pollution Monitoring", section 16.5). The number of pairs grows as n**2 / 2, so
-  a deterministic, evenly strided subset of pairs bounds the cost (``max_pairs``).
+  the Mann-Kendall variance of S (as given in Gilbert 1987, "Statistical Methods for
+  Environmental Pollution Monitoring"). The number of pairs grows as n**2 / 2, so a
+  deterministic, evenly strided subset of pairs bounds the cost (``max_pairs``).
 * **Sawtooth: lower envelope.** Generation-0 collections drop hundreds of blocks every ~100
   requests; the minimum of each block of consecutive readings sits on the low points of the
   sawtooth, where garbage has just been collected, so a trend there is retained memory.
@@ -28,8 +28,16 @@ assumption about the noise distribution and are not moved by a few wild readings
   constraint that no route frees memory per request. Small dense problems (at most ~64 columns),
   solved with Householder QR rather than normal equations because route mixes of consecutive
   windows are nearly collinear.
+  Measurement on real apps found this regression weak for routes (consecutive windows have
+  nearly the same route mix) but useful for ``scales_with`` (requests versus first-seen
+  credentials per window).
 * **Per-route test: Welch's t** (Welch 1947; Satterthwaite 1946) compares one route's per-request
   memory deltas with the rest without assuming equal variances.
+
+Both rank methods assume independent errors. Consecutive memory readings are autocorrelated, so
+their p-values and intervals are optimistic; the detector feeds them lower-envelope points (one
+per block of readings), which are much closer to independent, and adds a minimum growth rate and
+hysteresis on top.
 
 All functions take plain sequences of floats and return frozen dataclasses or floats; none of them
 keeps state, so they are safe to call from any thread.
@@ -41,7 +49,7 @@ import bisect
 import itertools
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -65,8 +73,8 @@ __all__ = [
 ]
 
 #: Cap on the number of pairwise slopes Theil-Sen computes. 50,000 keeps every pair up to
-#: n = 316 samples (about 20 ms in pure Python at n = 316) and strides over pairs beyond that
-#: (n = 512 uses every third pair of 130,816).
+#: n = 316 samples and strides over pairs beyond that (n = 512 uses every third pair of
+#: 130,816). Measured on a 2-core AMD EPYC: 8 ms at n = 256, 11 ms at n = 512 (39 ms unbounded).
 DEFAULT_MAX_PAIRS = 50_000
 
 #: Multiply a median absolute deviation by this to estimate the standard deviation of normal data.
@@ -162,9 +170,9 @@ def _check_no_nan(values: Sequence[float], name: str) -> None:
             raise ValueError(f"{name} contains NaN")
 
 
-def _tie_term(values: Sequence[float]) -> float:
+def _tie_term(group_sizes: Iterable[int]) -> float:
     """Return sum over tie groups of t(t-1)(2t+5), the Mann-Kendall variance correction."""
-    return float(sum(t * (t - 1) * (2 * t + 5) for t in Counter(values).values() if t > 1))
+    return float(sum(t * (t - 1) * (2 * t + 5) for t in group_sizes if t > 1))
 
 
 def _normal_upper_tail(z: float) -> float:
@@ -224,8 +232,8 @@ def mann_kendall(values: Sequence[float]) -> TrendTest:
         s += below - (count - not_above)
         earlier.insert(not_above, v)
 
-    tie_term = _tie_term(values)
-    var_s = (n * (n - 1) * (2 * n + 5) - tie_term) / 18.0
+    groups = Counter(values).values()
+    var_s = (n * (n - 1) * (2 * n + 5) - _tie_term(groups)) / 18.0
     if var_s <= 0.0:  # every reading equal
         z = 0.0
     elif s > 0:
@@ -236,7 +244,7 @@ def mann_kendall(values: Sequence[float]) -> TrendTest:
         z = 0.0
 
     pairs = n * (n - 1) / 2.0
-    tied_pairs = sum(t * (t - 1) / 2.0 for t in Counter(values).values())
+    tied_pairs = sum(t * (t - 1) / 2.0 for t in groups)
     denom = math.sqrt(pairs * (pairs - tied_pairs))
     tau = s / denom if denom > 0.0 else 0.0
 
@@ -382,7 +390,7 @@ def theil_sen(
     slope = median(slopes)
     intercept = median([y - slope * x for x, y in zip(xs, ys, strict=True)])
 
-    var_s = (n * (n - 1) * (2 * n + 5) - _tie_term(xs)) / 18.0
+    var_s = (n * (n - 1) * (2 * n + 5) - _tie_term(x_groups.values())) / 18.0
     c_alpha = NormalDist().inv_cdf(0.5 + confidence / 2.0) * math.sqrt(max(var_s, 0.0))
     lower_rank = (distinct_pairs - c_alpha) / 2.0
     upper_rank = (distinct_pairs + c_alpha) / 2.0 + 1.0

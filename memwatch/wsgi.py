@@ -26,6 +26,7 @@ if t.TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from memwatch._types import Environ, ExcInfo, Headers, StartResponse, WSGIApp
+    from memwatch.attribution import Probe
     from memwatch.signals import Signals
 
 
@@ -88,7 +89,7 @@ class WSGIMiddleware:
         response.iterable = result
         return response
 
-    def finish(self, environ: Environ, status: str | None, entry: int | None) -> None:
+    def finish(self, environ: Environ, status: str | None, entry: Probe | None) -> None:
         """Records a finished request. Never raises."""
         try:
             code = int(status[:3]) if status else 500
@@ -147,7 +148,7 @@ class _Response:
         middleware: WSGIMiddleware,
         environ: Environ,
         start_response: StartResponse,
-        entry: int | None,
+        entry: Probe | None,
     ) -> None:
         self._middleware = middleware
         self._environ = environ

@@ -1,0 +1,521 @@
+"""In-process benchmark: CPU time per request of a Flask and a Starlette JSON endpoint, bare and
+wrapped by ``memwatch.wrap`` (default settings).
+
+No server and no HTTP client sit in the measured path: WSGI apps are called through a minimal
+PEP 3333 driver (``app(environ, start_response)``, the body iterated, ``close()`` called, which is
+where memwatch records), ASGI apps through ``await app(scope, receive, send)`` in a loop inside one
+event loop. Requests are realistic for a JSON API behind a proxy: a route with a path parameter
+and a varying id (so route templating runs), a query string, a cookie, about ten headers, and a
+Bearer token that changes every few requests (so the distinct-credential sketch does real work).
+
+Bare and wrapped batches are interleaved (their order alternates from batch to batch) so that the
+drift of a shared, noisy machine hits both alike; each batch gives one CPU time per request
+(``time.thread_time``, or ``time.process_time`` with ``--timer process``), and the report gives the
+median and interquartile range over batches, the added time and the bare/wrapped ratio. The run is
+repeated with ``--extra-objects`` live objects held in the heap (default: none, then 2,000,000, a
+production-sized process), because some of memwatch's readings cost more as the heap grows.
+
+Usage::
+
+    .venv/bin/python benchmarks/inprocess.py                 # defaults, about a minute
+    .venv/bin/python benchmarks/inprocess.py --batches 61 --requests 2000 --json out.json
+    .venv/bin/python benchmarks/inprocess.py --apps starlette --extra-objects 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import memwatch
+
+# How many requests share one Bearer token: a token per user session, not per request.
+REQUESTS_PER_TOKEN = 4
+DISTINCT_ITEMS = 1000
+
+TIMERS: dict[str, Callable[[], float]] = {
+    "thread": time.thread_time,
+    "process": time.process_time,
+}
+
+
+# --- the applications ------------------------------------------------------------------------
+
+
+def _item(item_id: int) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "name": f"item {item_id}",
+        "price": round(item_id * 0.25, 2),
+        "tags": ["catalogue", "public"],
+        "in_stock": item_id % 3 != 0,
+    }
+
+
+def make_flask_app() -> Any:
+    """A Flask app with one JSON endpoint on a route with an int path parameter."""
+    from flask import Flask, request
+
+    app = Flask("bench_flask")
+
+    @app.get("/items/<int:item_id>")
+    def get_item(item_id: int) -> dict[str, Any]:
+        body = _item(item_id)
+        body["fields"] = request.args.get("fields", "")
+        return body
+
+    return app
+
+
+def make_starlette_app() -> Any:
+    """A Starlette app with one JSON endpoint on a route with an int path parameter."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def get_item(request: Request) -> JSONResponse:
+        body = _item(request.path_params["item_id"])
+        body["fields"] = request.query_params.get("fields", "")
+        return JSONResponse(body)
+
+    return Starlette(routes=[Route("/items/{item_id:int}", get_item)])
+
+
+# --- the requests ----------------------------------------------------------------------------
+
+
+def _token(n: int) -> str:
+    """A JWT-shaped Bearer token, distinct for each n (about 150 characters, like real ones)."""
+    return (
+        "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9."
+        f"eyJzdWIiOiJ1c2VyLXtuOjA4ZH0iLCJpYXQiOjE3MDAwMDAwMDAsInNlcSI6{n:012d}fQ."
+        f"c2lnbmF0dXJlLXRoYXQtbG9va3MtcmVhbC1lbm91Z2gtZm9yLWEtYmVuY2htYXJr{n:08x}"
+    )
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What varies between requests: the item id and the credential."""
+
+    path: str
+    token: str
+
+
+def request_specs(count: int, start: int) -> list[RequestSpec]:
+    return [
+        RequestSpec(
+            path=f"/items/{(start + i) % DISTINCT_ITEMS}",
+            token=_token((start + i) // REQUESTS_PER_TOKEN),
+        )
+        for i in range(count)
+    ]
+
+
+QUERY = "fields=name,price&page=2"
+COOKIE = "theme=dark; csrftoken=Zm9vYmFyYmF6cXV4cXV1eA; _ga=GA1.2.123456789.1700000000"
+COMMON_HEADERS = (
+    ("host", "api.example.com"),
+    ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36"),
+    ("accept", "application/json"),
+    ("accept-encoding", "gzip, deflate, br"),
+    ("accept-language", "en-GB,en;q=0.9"),
+    ("x-forwarded-for", "203.0.113.7"),
+    ("x-request-id", "5f0c6a4e-3b7d-4a3b-9a51-7c1f0d2e8b44"),
+)
+
+
+class _FileWrapper:
+    """A server's ``wsgi.file_wrapper`` (a class, as gunicorn's is); never used by the app."""
+
+    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
+        self.filelike = filelike
+
+
+def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+    return _write
+
+
+def _write(data: bytes) -> None:
+    pass
+
+
+class Driver(Protocol):
+    """Prepares a batch of requests (not timed) and runs it (timed)."""
+
+    def prepare(self, specs: Sequence[RequestSpec]) -> Any: ...
+
+    def run(self, prepared: Any) -> None: ...
+
+
+class WSGIDriver:
+    """Calls a WSGI app as a server would: environ, start_response, iterate the body, close()."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+
+    def prepare(self, specs: Sequence[RequestSpec]) -> list[dict[str, Any]]:
+        base: dict[str, Any] = {
+            "REQUEST_METHOD": "GET",
+            "SCRIPT_NAME": "",
+            "QUERY_STRING": QUERY,
+            "SERVER_NAME": "api.example.com",
+            "SERVER_PORT": "443",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "10.0.0.7",
+            "REMOTE_PORT": "51234",
+            "RAW_URI": "",
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "https",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": _FileWrapper,
+            "HTTP_COOKIE": COOKIE,
+        }
+        for name, value in COMMON_HEADERS:
+            base["HTTP_" + name.upper().replace("-", "_")] = value
+        environs = []
+        for spec in specs:
+            environ = dict(base)
+            environ["PATH_INFO"] = spec.path
+            environ["RAW_URI"] = spec.path + "?" + QUERY
+            environ["HTTP_AUTHORIZATION"] = "Bearer " + spec.token
+            environ["wsgi.input"] = io.BytesIO(b"")
+            environs.append(environ)
+        return environs
+
+    def run(self, prepared: list[dict[str, Any]]) -> None:
+        app = self.app
+        for environ in prepared:
+            result = app(environ, _start_response)
+            try:
+                for _chunk in result:
+                    pass
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+
+
+_RECEIVE_MESSAGE = {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _receive() -> dict[str, Any]:
+    return _RECEIVE_MESSAGE
+
+
+async def _send(message: dict[str, Any]) -> None:
+    pass
+
+
+class ASGIDriver:
+    """Calls an ASGI app as a server would, one request after another in one event loop."""
+
+    def __init__(self, app: Callable[..., Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.app = app
+        self.loop = loop
+
+    def prepare(self, specs: Sequence[RequestSpec]) -> list[dict[str, Any]]:
+        common = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in COMMON_HEADERS]
+        cookie = (b"cookie", COOKIE.encode("latin-1"))
+        scopes = []
+        for spec in specs:
+            scopes.append(
+                {
+                    "type": "http",
+                    "asgi": {"version": "3.0", "spec_version": "2.3"},
+                    "http_version": "1.1",
+                    "server": ("10.0.0.2", 8000),
+                    "client": ("10.0.0.7", 51234),
+                    "scheme": "https",
+                    "method": "GET",
+                    "root_path": "",
+                    "path": spec.path,
+                    "raw_path": spec.path.encode("ascii"),
+                    "query_string": QUERY.encode("ascii"),
+                    "headers": [
+                        *common,
+                        (b"authorization", b"Bearer " + spec.token.encode("ascii")),
+                        cookie,
+                    ],
+                    "state": {},
+                }
+            )
+        return scopes
+
+    def run(self, prepared: list[dict[str, Any]]) -> None:
+        self.loop.run_until_complete(self._run(prepared))
+
+    async def _run(self, scopes: list[dict[str, Any]]) -> None:
+        app = self.app
+        for scope in scopes:
+            await app(scope, _receive, _send)
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    """CPU microseconds per request, one value per batch."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def iqr(self) -> float:
+        return _iqr(self.values)
+
+
+def _iqr(values: Sequence[float]) -> float:
+    if len(values) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1
+
+
+@dataclass
+class Result:
+    """One app at one heap size."""
+
+    app: str
+    extra_objects: int
+    heap_blocks: int
+    requests_per_batch: int
+    batches: int
+    bare_median_us: float
+    bare_iqr_us: float
+    wrapped_median_us: float
+    wrapped_iqr_us: float
+    added_us: float  # median of the paired (same round) differences wrapped - bare
+    added_iqr_us: float
+    ratio: float  # bare median / wrapped median
+    paired_ratio: float  # median of the per-round bare/wrapped ratios
+    memwatch_requests: int  # requests memwatch counted (a check that it did record)
+    bare_us: list[float]
+    wrapped_us: list[float]
+
+
+def build_apps(name: str, loop: asyncio.AbstractEventLoop) -> tuple[Driver, Driver, Any]:
+    """Two independent instances of the app: one bare, one wrapped (Flask route hooks are
+    installed on the wrapped one only). Returns (bare, wrapped, the wrapped middleware)."""
+    if name == "flask":
+        wrapped_mw = memwatch.wrap(make_flask_app().wsgi_app)
+        return WSGIDriver(make_flask_app().wsgi_app), WSGIDriver(wrapped_mw), wrapped_mw
+    if name == "starlette":
+        wrapped_mw = memwatch.wrap(make_starlette_app())
+        return (
+            ASGIDriver(make_starlette_app(), loop),
+            ASGIDriver(wrapped_mw, loop),
+            wrapped_mw,
+        )
+    raise ValueError(f"unknown app {name!r}")
+
+
+def measure(
+    name: str,
+    *,
+    requests: int,
+    batches: int,
+    extra_objects: int,
+    timer: Callable[[], float],
+    loop: asyncio.AbstractEventLoop,
+    progress: Callable[[str], None],
+) -> Result:
+    bare, wrapped, middleware = build_apps(name, loop)
+    drivers = {"bare": bare, "wrapped": wrapped}
+    series = {"bare": Series(), "wrapped": Series()}
+    start = 0
+    # Warm-up: first-request set-up (Starlette builds its middleware stack, Flask its URL map
+    # adapter) and memwatch's first samples, which calibrate the cost of heap readings.
+    for driver in drivers.values():
+        driver.run(driver.prepare(request_specs(requests, start)))
+    start += requests
+    for batch in range(batches):
+        order = ("bare", "wrapped") if batch % 2 == 0 else ("wrapped", "bare")
+        for variant in order:
+            driver = drivers[variant]
+            prepared = driver.prepare(request_specs(requests, start))
+            begin = timer()
+            driver.run(prepared)
+            elapsed = timer() - begin
+            del prepared
+            series[variant].values.append(elapsed / requests * 1e6)
+        start += requests
+        if (batch + 1) % 10 == 0 or batch + 1 == batches:
+            progress(
+                f"  {name:9} heap+{extra_objects:>9,}: batch {batch + 1:3}/{batches} "
+                f"bare {series['bare'].median:7.2f} µs  wrapped {series['wrapped'].median:7.2f} µs"
+            )
+    b, w = series["bare"].values, series["wrapped"].values
+    differences = [wv - bv for bv, wv in zip(b, w, strict=True)]
+    ratios = [bv / wv for bv, wv in zip(b, w, strict=True)]
+    return Result(
+        app=name,
+        extra_objects=extra_objects,
+        heap_blocks=sys.getallocatedblocks(),
+        requests_per_batch=requests,
+        batches=batches,
+        bare_median_us=series["bare"].median,
+        bare_iqr_us=series["bare"].iqr,
+        wrapped_median_us=series["wrapped"].median,
+        wrapped_iqr_us=series["wrapped"].iqr,
+        added_us=statistics.median(differences),
+        added_iqr_us=_iqr(differences),
+        ratio=series["bare"].median / series["wrapped"].median,
+        paired_ratio=statistics.median(ratios),
+        memwatch_requests=middleware.monitor.requests,
+        bare_us=b,
+        wrapped_us=w,
+    )
+
+
+def hold_extra_objects(count: int) -> list[object]:
+    """``count`` live objects, as a production process holds them: half short strings (plain
+    pymalloc blocks), half 1-tuples (containers the garbage collector tracks)."""
+    strings = [f"cached-value-{i:09d}" for i in range(count // 2)]
+    return [*strings, *((s,) for s in strings[: count - len(strings)])]
+
+
+# --- reporting -------------------------------------------------------------------------------
+
+TARGETS = {"flask": 0.96, "starlette": 0.92}
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+    }
+
+
+def table(results: Sequence[Result]) -> str:
+    lines = [
+        "| app | extra objects | bare µs (IQR) | wrapped µs (IQR) | added µs (IQR) | ratio bare/wrapped | paired ratio | target | met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        target = TARGETS.get(r.app, 0.0)
+        lines.append(
+            f"| {r.app} | {r.extra_objects:,} | {r.bare_median_us:.2f} ({r.bare_iqr_us:.2f}) "
+            f"| {r.wrapped_median_us:.2f} ({r.wrapped_iqr_us:.2f}) "
+            f"| {r.added_us:.2f} ({r.added_iqr_us:.2f}) | {r.ratio:.3f} | {r.paired_ratio:.3f} "
+            f"| ≥ {target:.2f} | {'yes' if min(r.ratio, r.paired_ratio) >= target else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per batch")
+    parser.add_argument(
+        "--batches", type=int, default=40, help="measured batches per variant (bare, wrapped)"
+    )
+    parser.add_argument(
+        "--extra-objects",
+        default="0,2000000",
+        help="comma-separated heap sizes to run at: extra live objects held (default 0,2000000)",
+    )
+    parser.add_argument(
+        "--apps", default="flask,starlette", help="comma-separated: flask, starlette"
+    )
+    parser.add_argument("--timer", choices=sorted(TIMERS), default="thread")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("memwatch").setLevel(logging.WARNING)  # no start-up line per wrap
+    apps = [a.strip() for a in args.apps.split(",") if a.strip()]
+    sizes = [int(s.replace("_", "")) for s in args.extra_objects.split(",") if s.strip()]
+    timer = TIMERS[args.timer]
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    info = machine()
+    progress(
+        f"memwatch {memwatch.__version__} in-process benchmark: Python {info['python']}, "
+        f"{info['cpus']} CPUs ({info['cpu_model']}); {args.batches} batches x "
+        f"{args.requests} requests per variant, timer {args.timer}_time"
+    )
+    loop = asyncio.new_event_loop()
+    results: list[Result] = []
+    held: list[object] = []
+    began = time.perf_counter()
+    try:
+        for size in sizes:
+            if size != len(held):
+                progress(f"holding {size:,} extra live objects ...")
+                held = []
+                held = hold_extra_objects(size)
+                gc.collect()
+            for name in apps:
+                results.append(
+                    measure(
+                        name,
+                        requests=args.requests,
+                        batches=args.batches,
+                        extra_objects=size,
+                        timer=timer,
+                        loop=loop,
+                        progress=progress,
+                    )
+                )
+    finally:
+        loop.close()
+    progress(f"done in {time.perf_counter() - began:.0f} s")
+    print(table(results))
+    if args.json:
+        document = {
+            "benchmark": "inprocess",
+            "command": " ".join([sys.executable, *sys.argv]),
+            "machine": info,
+            "settings": {
+                "requests": args.requests,
+                "batches": args.batches,
+                "timer": args.timer,
+                "requests_per_token": REQUESTS_PER_TOKEN,
+            },
+            "targets": TARGETS,
+            "results": [asdict(r) for r in results],
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

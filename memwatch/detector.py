@@ -1,0 +1,210 @@
+"""The process-level leak verdict: a robust trend test per memory signal, with hysteresis.
+
+Input: the monitor's periodic samples. Per signal (``heap``: Python heap blocks, converted to
+bytes; ``rss``: resident set size; ``traced``: tracemalloc's traced bytes while tracing):
+
+1. **Warm-up.** Samples before ``warmup_requests`` are ignored: apps keep filling caches,
+   compiling templates and growing pools for thousands of requests.
+2. **gc awareness.** The heap signal is ``heap_blocks - gc_pending``: container objects allocated
+   since the last generation-0 collection (``gc.get_count()[0]``) are mostly garbage waiting for
+   the collector; subtracting them removes the pile-up that rare collections leave. The lower
+   envelope (the minimum of each block of consecutive samples) then removes what remains of the
+   collection sawtooth.
+3. **Trend.** Mann-Kendall on the envelope points of the sliding window (cheap, every evaluation);
+   only when it finds an increasing trend, a Theil-Sen slope with its confidence interval (in
+   bytes per request and per second) and the plateau test (:func:`memwatch.stats.plateau_test`),
+   so that bounded caches and finished warm-ups never alert.
+4. **Verdict per signal.** Suspected when the trend is significant (``p < alpha``), the lower
+   confidence limit of the growth rate is above the signal's minimum rate, and growth has not
+   flattened.
+5. **Hysteresis.** The process verdict turns to suspected after ``confirm`` consecutive suspected
+   evaluations and clears after ``clear`` consecutive clean ones.
+
+The heap signal sees small objects sharply (down to a few bytes per request) but counts a large
+buffer as one block; RSS sees large buffers but moves in coarse, never-returning steps. Both are
+evaluated and the verdict names the signal with the strongest evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from memwatch.config import Config
+from memwatch.signals import Sample
+from memwatch.stats import lower_envelope_points, mann_kendall, plateau_test, theil_sen
+
+SIGNALS = ("heap", "rss", "traced")
+MIN_POINTS = 16  # envelope points needed before any verdict (the plateau test needs 16)
+MAX_PAIRS = 1000  # pairwise slopes per Theil-Sen fit: bounds an evaluation to about a millisecond
+
+
+@dataclass(frozen=True)
+class SignalTrend:
+    """The trend of one signal over the detector's window."""
+
+    signal: str
+    points: int
+    p_value: float
+    bytes_per_request: float | None = None  # Theil-Sen slope
+    low: float | None = None  # lower confidence limit, bytes per request
+    high: float | None = None
+    bytes_per_second: float | None = None
+    plateau: bool = False
+    suspected: bool = False
+    reason: str = ""
+
+
+@dataclass
+class Verdict:
+    """The detector's current conclusion for the process."""
+
+    status: str = "warming_up"  # warming_up | ok | suspected | unknown
+    suspected: bool = False
+    signal: str | None = None
+    bytes_per_request: float | None = None
+    bytes_per_second: float | None = None
+    confidence: float | None = None
+    since_wall: float | None = None
+    trends: dict[str, SignalTrend] = field(default_factory=dict)
+    evaluations: int = 0
+    alerts: int = 0
+
+
+def signal_series(samples: Sequence[Sample], signal: str, heap_block_bytes: float) -> tuple[
+    list[float], list[float], list[float]
+]:
+    """(requests, seconds, bytes) of one signal, skipping samples where it was unavailable."""
+    xs: list[float] = []
+    ts: list[float] = []
+    ys: list[float] = []
+    for s in samples:
+        if signal == "heap":
+            if s.heap_blocks is None:
+                continue
+            value = (s.heap_blocks - s.gc_pending) * heap_block_bytes
+        elif signal == "rss":
+            if s.rss_bytes is None:
+                continue
+            value = float(s.rss_bytes)
+        else:
+            if s.traced_bytes is None:
+                continue
+            value = float(s.traced_bytes)
+        xs.append(float(s.requests))
+        ts.append(s.time)
+        ys.append(value)
+    return xs, ts, ys
+
+
+class Detector:
+    """Turns the sample history into a :class:`Verdict`; call :meth:`evaluate` per new sample.
+
+    Not thread-safe: the monitor calls it from whichever thread holds its sampling lock.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.verdict = Verdict()
+        self._streak = 0  # consecutive suspected (>0) or clean (<0) evaluations
+
+    def min_rate(self, signal: str) -> float:
+        cfg = self.config
+        return cfg.min_growth_rss if signal == "rss" else cfg.min_growth_bytes
+
+    def trend(self, samples: Sequence[Sample], signal: str) -> SignalTrend | None:
+        """The trend of one signal over the window, or None when there is too little data."""
+        cfg = self.config
+        xs, ts, ys = signal_series(samples, signal, cfg.heap_block_bytes)
+        if signal == "traced" and len(xs) < len(samples):
+            return None  # tracing was not on for the whole window
+        width = cfg.envelope_width
+        ex, ey = lower_envelope_points(ys, width, xs)
+        if len(ey) < MIN_POINTS:
+            return None
+        et = lower_envelope_points(ys, width, ts)[0]
+        mk = mann_kendall(ey)
+        if mk.p_value >= cfg.alpha:
+            return SignalTrend(signal, len(ey), mk.p_value, reason="no significant trend")
+        slope = theil_sen(ex, ey, confidence=0.90, max_pairs=MAX_PAIRS)
+        elapsed = et[-1] - et[0]
+        rate = (ex[-1] - ex[0]) / elapsed if elapsed > 0 else 0.0
+        per_second = slope.slope * rate
+        base = SignalTrend(
+            signal,
+            len(ey),
+            mk.p_value,
+            bytes_per_request=slope.slope,
+            low=slope.low,
+            high=slope.high,
+            bytes_per_second=per_second,
+        )
+        minimum = self.min_rate(signal)
+        if slope.low < minimum:
+            return _with(base, reason=f"growth below {minimum:g} B/request")
+        flat = plateau_test(ex, ey, min_slope=minimum, max_pairs=MAX_PAIRS)
+        if flat.plateau:
+            return _with(base, plateau=True, reason="growth has flattened (plateau)")
+        return _with(base, suspected=True, reason="significant sustained growth")
+
+    def evaluate(self, samples: Sequence[Sample], now_wall: float) -> Verdict:
+        cfg = self.config
+        window = [s for s in samples if s.requests >= cfg.warmup_requests]
+        window = window[-cfg.window_samples :]
+        trends: dict[str, SignalTrend] = {}
+        for signal in SIGNALS:
+            result = self.trend(window, signal)
+            if result is not None:
+                trends[signal] = result
+        verdict = self.verdict
+        verdict.evaluations += 1
+        verdict.trends = trends
+        if not trends:
+            has_data = any(s.heap_blocks is not None or s.rss_bytes is not None for s in samples)
+            verdict.status = "warming_up" if has_data or not samples else "unknown"
+            return verdict
+        suspects = [t for t in trends.values() if t.suspected]
+        if suspects:
+            self._streak = self._streak + 1 if self._streak > 0 else 1
+        else:
+            self._streak = self._streak - 1 if self._streak < 0 else -1
+        if not verdict.suspected and self._streak >= cfg.confirm:
+            verdict.suspected = True
+            verdict.since_wall = now_wall
+            verdict.alerts += 1
+        elif verdict.suspected and -self._streak >= cfg.clear:
+            verdict.suspected = False
+            verdict.since_wall = None
+        if verdict.suspected and suspects:
+            best = _strongest(suspects)
+            verdict.signal = best.signal
+            verdict.bytes_per_request = best.bytes_per_request
+            verdict.bytes_per_second = best.bytes_per_second
+            verdict.confidence = 1.0 - best.p_value
+        elif not verdict.suspected:
+            verdict.signal = None
+            verdict.bytes_per_request = verdict.bytes_per_second = verdict.confidence = None
+        verdict.status = "suspected" if verdict.suspected else "ok"
+        return verdict
+
+
+def _with(trend: SignalTrend, **changes: object) -> SignalTrend:
+    from dataclasses import replace
+
+    return replace(trend, **changes)  # type: ignore[arg-type]
+
+
+def _strongest(trends: Sequence[SignalTrend]) -> SignalTrend:
+    """The signal to report: heap unless RSS sees much more growth (large buffers)."""
+    by_signal = {t.signal: t for t in trends}
+    heap = by_signal.get("heap") or by_signal.get("traced")
+    rss = by_signal.get("rss")
+    if heap is None:
+        assert rss is not None
+        return rss
+    if rss is None:
+        return heap
+    heap_rate = heap.bytes_per_request or 0.0
+    rss_rate = rss.bytes_per_request or 0.0
+    return rss if rss_rate > 4.0 * heap_rate and not math.isnan(rss_rate) else heap
