@@ -1,0 +1,3 @@
+from memwatch.demo import main
+
+raise SystemExit(main())
