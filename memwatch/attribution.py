@@ -1,15 +1,24 @@
 """Which route and auth path the growth comes with, and whether it follows credentials.
 
-**Per-request deltas, entry to entry.** A sampled request reads the Python heap when it enters;
-the next request to enter (on any thread) reads it again. The delta between the two entries
-holds everything the sampled request kept, after its response was released; an in-request delta
-(entry to exit) would still hold the response body. The interval also holds the parsing of the
-next request, which biases toward routes with small headers; charging each delta to both
-neighbouring requests cancels that bias. Each route is then tested against the rest (Welch's t)
-and its retained bytes per request estimated from the contrast. Intervals that span a garbage
-collection are dropped: a collection frees garbage made by earlier requests and would charge it
-to whoever happened to be running. Under threads and asyncio the intervals overlap other
-requests; the estimates stay unbiased but need more requests.
+**Per-request deltas, entry to entry.** A measured request takes readings when it enters; the
+first request to enter after it has finished (on any thread or task) takes them again. The delta
+between the two entries holds everything the measured request kept once its response was
+released (an in-request delta, entry to exit, would still hold the response body), whatever the
+concurrency: the measured request's whole life is inside the interval. The interval also holds
+the parsing of the next request, which biases toward routes with small headers; charging each
+delta to both requests cancels that bias. Each route is then tested against the rest (Welch's t)
+and its retained amount per request estimated from the contrast. Other requests running during
+the interval add noise, not bias, so threads and asyncio need more requests, not other maths.
+
+Three channels, from cheap to costly:
+
+- ``containers``: ``gc.get_count()[0]``, the net number of new container objects (dicts, lists,
+  tuples, instances) since the last collection. O(1) (0.1 µs), so it is read on every probe. Blind
+  to strings and bytes. Intervals that span a collection are dropped.
+- ``heap``: ``sys.getallocatedblocks()``, every Python object; its cost grows with the heap, so
+  it is read on a fraction of probes derived from its measured cost (more while a leak is
+  suspected and not yet attributed).
+- ``rss``: the resident set, read with the heap; the only channel that sees large buffers.
 
 **Growth that follows credentials.** Growth between envelope points of the detector's window is
 regressed (non-negative least squares) on the requests and the first-seen credentials of each
@@ -33,28 +42,46 @@ MIN_PAIRS = 30  # deltas needed on each side before a route is tested
 T_THRESHOLD = 3.0
 
 
+CHANNELS = ("heap", "containers", "rss")
+
+
 class Probe:
-    """The heap reading at the entry of a sampled request (or of the request after it)."""
+    """Readings at the entry of a measured request (or of the request that closes its pair).
 
-    __slots__ = ("collections", "first", "heap", "key", "pair")
+    ``containers`` (``gc.get_count()[0]``) is O(1) and always read; ``heap`` and ``rss`` are
+    read on "heavy" probes only, at a rate derived from their measured cost.
+    """
 
-    def __init__(self, heap: int, collections: int, first: bool) -> None:
-        self.heap = heap
+    __slots__ = ("collections", "containers", "heap", "key", "pair", "rss")
+
+    def __init__(
+        self, containers: int, collections: int, heap: int | None, rss: int | None
+    ) -> None:
+        self.containers = containers
         self.collections = collections
-        self.first = first  # True for the sampled request, False for the one after it
+        self.heap = heap
+        self.rss = rss
         self.key: RouteKey | None = None
         self.pair: Pair | None = None
 
 
 class Pair:
-    """Two consecutive request entries and the heap delta between them."""
+    """A measured request's entry, the first entry after it exited, and the deltas between."""
 
-    __slots__ = ("a", "b", "delta")
+    __slots__ = ("a", "b", "deltas")
 
-    def __init__(self, a: Probe, b: Probe, delta: float | None) -> None:
+    def __init__(self, a: Probe, b: Probe, heap_block_bytes: float) -> None:
         self.a = a
         self.b = b
-        self.delta = delta  # bytes; None when a collection ran in between
+        deltas: dict[str, float] = {}
+        if a.collections == b.collections:
+            # A collection in between frees garbage of earlier requests: drop those channels.
+            deltas["containers"] = float(b.containers - a.containers)
+            if a.heap is not None and b.heap is not None:
+                deltas["heap"] = (b.heap - a.heap) * heap_block_bytes
+        if a.rss is not None and b.rss is not None:
+            deltas["rss"] = float(b.rss - a.rss)
+        self.deltas = deltas
 
 
 @dataclass
@@ -87,6 +114,7 @@ class RouteEstimate:
     t: float | None
     significant: bool  # t >= T_THRESHOLD
     suspected: bool = False  # significant, large enough, and the process is leaking
+    channel: str = "heap"  # which reading the estimate comes from
 
 
 class RouteAttribution:
@@ -142,6 +170,40 @@ class RouteAttribution:
             retained = diff * (2.0 - share)
             out.append(RouteEstimate(key, mine.n, retained, t, t >= T_THRESHOLD))
         return out
+
+
+def merge_estimates(
+    by_channel: dict[str, list[RouteEstimate]], container_bytes: float
+) -> list[RouteEstimate]:
+    """One estimate per route: the most significant positive channel, in bytes.
+
+    A container count converts to bytes at ``container_bytes`` per container (an estimate:
+    a small dict or list object and its item storage).
+    """
+    merged: dict[RouteKey, RouteEstimate] = {}
+    for channel in CHANNELS:
+        for e in by_channel.get(channel, []):
+            retained = e.retained_bytes_per_request
+            if retained is not None and channel == "containers":
+                retained *= container_bytes
+            candidate = RouteEstimate(e.key, e.pairs, retained, e.t, e.significant, False, channel)
+            current = merged.get(e.key)
+            if current is None or _better(candidate, current):
+                merged[e.key] = candidate
+    return list(merged.values())
+
+
+def _better(a: RouteEstimate, b: RouteEstimate) -> bool:
+    """Prefer a significant positive estimate, then the one from the sharper channel."""
+    def rank(e: RouteEstimate) -> tuple[int, int, float]:
+        positive = e.retained_bytes_per_request is not None and e.retained_bytes_per_request > 0
+        return (
+            int(e.significant and positive),
+            int(e.retained_bytes_per_request is not None),
+            e.t if e.t is not None and math.isfinite(e.t) else 0.0,
+        )
+
+    return rank(a) > rank(b)
 
 
 def scales_with(samples: Sequence[Sample], values: Sequence[float], width: int) -> str | None:

@@ -50,9 +50,9 @@ class AuthClassifier:
         """Classify a WSGI request."""
         authorization = environ.get("HTTP_AUTHORIZATION")
         if authorization:
-            found = classify_authorization(str(authorization))
-            if found is not ANONYMOUS:  # a blank header leaves the other sources to decide
-                return found
+            scheme = classify_authorization(str(authorization))
+            if scheme is not ANONYMOUS:  # a blank header leaves the other sources to decide
+                return scheme
         for key in self._apikey_environ:
             value = environ.get(key)
             if value:
@@ -74,21 +74,33 @@ class AuthClassifier:
         get = getattr(scope, "get", None)
         if get is None:
             return ANONYMOUS
-        authorization: bytes | None = None
+        headers: Iterable[tuple[bytes, bytes]] = get("headers") or ()
+        # Building a dict of the headers runs in C and costs about half of a Python loop over
+        # them. It is exact when every name occurs once (dict() keeps the last value of a
+        # repeated name, the loop joins repeated cookies): otherwise, and for containers that
+        # can only be iterated once, the loop decides.
+        unique: dict[bytes, bytes] | None = None
+        if type(headers) is list or type(headers) is tuple:
+            try:
+                unique = dict(headers)
+            except (TypeError, ValueError):
+                unique = None
+            if unique is not None and len(unique) != len(headers):
+                unique = None
         apikey: bytes | None = None
         cookie: bytes | None = None
-        headers: Iterable[tuple[bytes, bytes]] = get("headers") or ()
-        for name, value in headers:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"cookie":
-                cookie = value if cookie is None else cookie + b"; " + value
-            elif not apikey and name in self._apikey_raw:
-                apikey = value
+        if unique is None:
+            authorization, apikey, cookie = self._scan_headers(headers)
+        else:
+            authorization = unique.get(b"authorization")
         if authorization:
-            found = classify_authorization(authorization[:_MAX_VALUE].decode("latin-1"))
-            if found is not ANONYMOUS:  # a blank header leaves the other sources to decide
-                return found
+            scheme = classify_authorization(authorization[:_MAX_VALUE].decode("latin-1"))
+            if scheme is not ANONYMOUS:  # a blank header leaves the other sources to decide
+                return scheme
+        if unique is not None:
+            cookie = unique.get(b"cookie")
+            if not self._apikey_raw.isdisjoint(unique):
+                apikey = self._scan_headers(headers)[1]  # the first one, in header order
         if apikey:
             return "apikey", apikey[:_MAX_VALUE].decode("latin-1")
         query = get("query_string")
@@ -101,6 +113,23 @@ class AuthClassifier:
             if found is not None:
                 return found
         return ANONYMOUS
+
+    def _scan_headers(
+        self, headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(authorization, API key, cookies) of ASGI headers: the last ``Authorization``, the
+        first non-empty API-key header, every ``Cookie`` header joined with ``; ``."""
+        authorization: bytes | None = None
+        apikey: bytes | None = None
+        cookie: bytes | None = None
+        for name, value in headers:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif not apikey and name in self._apikey_raw:
+                apikey = value
+        return authorization, apikey, cookie
 
     # Names are compared on each part's own prefix, not through offsets into a lowered copy:
     # str.lower() can change a string's length (U+0130 becomes two characters), which would
@@ -131,6 +160,12 @@ class AuthClassifier:
 
 def classify_authorization(header: str) -> Classified:
     """Classify an ``Authorization`` header value (RFC 9110 ``credentials``)."""
+    if header.startswith("Bearer ") and len(header) <= _MAX_VALUE:
+        # The common case, decided without copies: what the general rules below return for a
+        # value that needs no stripping.
+        token = header[7:]
+        if token and not token[0].isspace() and not token[-1].isspace():
+            return "bearer", token
     value = header[:_MAX_VALUE].strip()
     if not value:
         return ANONYMOUS

@@ -116,9 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, indent=1) if args.json else format_report(report))
         return 0
     if args.command == "demo":
-        from memwatch import demo
+        from memwatch.demo import main as demo_main
 
-        return demo.main()
+        return demo_main()
     return 2  # pragma: no cover - argparse enforces the choices
 
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 ENV_PREFIX = "MEMWATCH_"
+_SECRETS = frozenset({"token", "metrics_token"})
 
 Protocol = Literal["auto", "wsgi", "asgi"]
 DiagnosisMode = Literal["off", "triggered", "always"]
@@ -52,10 +53,10 @@ class Config:
         sample_every_seconds: ... or every T seconds, whichever comes first.
         sample_budget_us: CPU budget per request, in microseconds, for heap-sized readings; the
             sampling interval stretches when such a reading gets expensive (large heaps).
-        request_sample_rate: Largest fraction of requests measured individually (the heap at
-            their entry and at the next request's entry); lowered automatically so that the
-            readings stay within ``pair_budget_us`` per request.
-        pair_budget_us: CPU budget per request, in microseconds, for per-request measurements.
+        request_sample_rate: Fraction of requests measured individually (cheap readings at
+            their entry and at the first entry after they finish).
+        pair_budget_us: CPU budget per request, in microseconds, for the costly per-request
+            readings (heap blocks, RSS); their share of measured requests follows from it.
         warmup_requests: Requests ignored by the detector while the app warms up.
         window_samples: Samples in the detector's sliding window.
         envelope_width: Samples per lower-envelope block (removes the gc sawtooth).
@@ -95,7 +96,7 @@ class Config:
     sample_every_requests: int = 50
     sample_every_seconds: float = 1.0
     sample_budget_us: float = 0.25
-    request_sample_rate: float = 0.25
+    request_sample_rate: float = 0.1
     pair_budget_us: float = 0.5
     warmup_requests: int = 2000
     window_samples: int = 192
@@ -113,10 +114,14 @@ class Config:
     log_startup: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
+
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
                 value = getattr(self, name)
-                raise ConfigError(f"{_env_name(name)} ({name}): {what}, got {value!r}")
+                # A token is a secret even when it is too short: say how long, never what.
+                shown = f"{len(value)} characters" if name in _SECRETS else repr(value)
+                raise ConfigError(f"{_env_name(name)} ({name}): {what}, got {shown}")
 
         need(self.protocol in get_args(Protocol), "protocol", "expected auto, wsgi or asgi")
         need(
@@ -207,6 +212,45 @@ class Config:
 
 def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
+
+
+def _check_types(config: Config) -> None:
+    """Keyword values of the wrong type fail with a ConfigError that names the option (not a
+    TypeError from a comparison later); a string given for a tuple option is split on commas,
+    as its environment variable is (``apikey_headers="x-key"`` is one header, not five)."""
+    hints = get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        name, value, hint = field.name, getattr(config, field.name), hints[field.name]
+        args = get_args(hint)
+        optional = get_origin(hint) in (Union, types.UnionType) and type(None) in args
+        if optional:
+            if value is None:
+                continue
+            (hint,) = [a for a in args if a is not type(None)]
+        what = None
+        if get_origin(hint) is tuple:
+            if isinstance(value, str):
+                value = tuple(part.strip() for part in value.split(",") if part.strip())
+            elif isinstance(value, (list, tuple, set, frozenset)):
+                value = tuple(value)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                what = "expected a sequence of strings (or one comma-separated string)"
+        elif hint is bool:
+            what = None if isinstance(value, bool) else "expected True or False"
+        elif hint is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            what = None if ok else "expected an integer"
+        elif hint is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                what = "expected a number"
+        elif hint is str or get_origin(hint) is Literal:
+            what = None if isinstance(value, str) else "expected a string"
+        if what is not None:
+            shown = f"a {type(value).__name__}" if name in _SECRETS else repr(value)
+            raise ConfigError(f"{_env_name(name)} ({name}): {what}, got {shown}")
+        object.__setattr__(config, name, value)
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -175,7 +175,10 @@ def _bearer_matches(authorization: str | None, token: str) -> bool:
     scheme, _, value = authorization.strip().partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(value.strip().encode("utf-8", "replace"), token.encode("utf-8"))
+    # Servers hand header values over as latin-1 text (PEP 3333, the ASGI spec): encoding them
+    # back to latin-1 recovers the bytes the client sent, which are the token's UTF-8 bytes.
+    sent = value.strip().encode("latin-1", "replace")
+    return hmac.compare_digest(sent, token.encode("utf-8"))
 
 
 def _parse_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -19,7 +19,15 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from memwatch.attribution import Pair, Probe, RouteAttribution, RouteEstimate, RouteKey
+from memwatch.attribution import (
+    CHANNELS,
+    Pair,
+    Probe,
+    RouteAttribution,
+    RouteEstimate,
+    RouteKey,
+    merge_estimates,
+)
 from memwatch.auth import AUTH_SCHEMES, AuthClassifier
 from memwatch.config import Config
 from memwatch.detector import Detector, Verdict
@@ -151,8 +159,10 @@ class Monitor:
         self._first_seen_filter = FirstSeenFilter()
         self._first_seen_old: FirstSeenFilter | None = None
         self.first_seen = 0
-        self._open: Probe | None = None
-        self.attribution = RouteAttribution()
+        self._inflight: Probe | None = None
+        self._closable: Probe | None = None
+        self._heavy_share = 1.0
+        self.attribution = {channel: RouteAttribution() for channel in CHANNELS}
         self.detector = Detector(self.config)
         self.route_estimates: list[RouteEstimate] = []
         self.scales_with: str | None = None
@@ -180,38 +190,42 @@ class Monitor:
     def request_entry(self) -> Probe | None:
         """Called when a request enters; returns a probe if the request is measured.
 
-        A measured request reads the heap at its entry; the next request to enter reads it
-        again, and the delta between the two entries is charged to both (see
-        :mod:`memwatch.attribution`).
+        A measured request takes readings at its entry; the first request to enter after it
+        has finished takes them again (see :mod:`memwatch.attribution`).
         """
-        if self._open is not None:
-            return self._probe_next()
-        if self._random() < self._pair_rate:
-            return self._probe_first()
+        if self._closable is not None:
+            return self._probe_close()
+        if self._inflight is None and self._random() < self._pair_rate:
+            return self._probe_open()
         return None
 
-    def _probe_first(self) -> Probe | None:
+    def _read_probe(self, heavy: bool) -> Probe:
         signals = self.signals
-        probe = Probe(signals.heap_blocks(), signals.collections_total(), True)
-        with self._lock:
-            if self._open is None:
-                self._open = probe
-                return probe
-        return None  # another thread opened a pair first
+        heap = rss = None
+        if heavy:
+            heap = signals.heap_blocks()
+            try:
+                rss = signals.rss_bytes()
+            except Exception as exc:
+                self.errors.record("signals.rss", exc)
+        return Probe(signals.gc_pending(), signals.collections_total(), heap, rss)
 
-    def _probe_next(self) -> Probe | None:
+    def _probe_open(self) -> Probe | None:
+        probe = self._read_probe(self._random() < self._heavy_share)
         with self._lock:
-            first, self._open = self._open, None
+            if self._inflight is None and self._closable is None:
+                self._inflight = probe
+                return probe
+        return None  # another thread opened one first
+
+    def _probe_close(self) -> Probe | None:
+        with self._lock:
+            first, self._closable = self._closable, None
         if first is None:
             return None
-        signals = self.signals
-        probe = Probe(signals.heap_blocks(), signals.collections_total(), False)
-        delta: float | None = None
-        if probe.collections == first.collections:
-            delta = (probe.heap - first.heap) * self.config.heap_block_bytes
-        pair = Pair(first, probe, delta)
-        with self._lock:
-            first.pair = probe.pair = pair
+        probe = self._read_probe(first.heap is not None)
+        pair = Pair(first, probe, self.config.heap_block_bytes)
+        first.pair = probe.pair = pair
         return probe
 
     def request_exit(
@@ -261,22 +275,27 @@ class Monitor:
             self._first_seen_filter = FirstSeenFilter()
 
     def _probe_done(self, probe: Probe, key: RouteKey) -> None:
-        """Completes a probe's pair once both requests have finished (under the lock)."""
+        """Completes a probe (under the lock): opens its pair for closing, or records it."""
         probe.key = key
+        if probe is self._inflight:
+            self._inflight = None
+            self._closable = probe  # the next request to enter closes the pair
+            return
         pair = probe.pair
         if pair is None or pair.a.key is None or pair.b.key is None:
             return
         pair.a.pair = pair.b.pair = None
-        if pair.delta is None:
-            return
-        if self.requests >= self.config.warmup_requests:
-            # Warm-up allocations land on whichever routes come first: keep them out.
-            self.attribution.add(pair.a.key, pair.b.key, pair.delta)
-        route, _method, auth = pair.a.key
-        hist = self._deltas.get((route, auth))
-        if hist is None:
-            hist = self._deltas[(route, auth)] = DeltaHistogram()
-        hist.observe(pair.delta)
+        if self.requests < self.config.warmup_requests:
+            return  # warm-up allocations land on whichever routes come first: keep them out
+        for channel, delta in pair.deltas.items():
+            self.attribution[channel].add(pair.a.key, pair.b.key, delta)
+        heap = pair.deltas.get("heap")
+        if heap is not None:
+            route, _method, auth = pair.a.key
+            hist = self._deltas.get((route, auth))
+            if hist is None:
+                hist = self._deltas[(route, auth)] = DeltaHistogram()
+            hist.observe(heap)
 
     # --- periodic samples -------------------------------------------------------------------
 
@@ -336,13 +355,16 @@ class Monitor:
         from memwatch.detector import signal_series
 
         with self._lock:
-            attribution = self.attribution.copy()
+            channels = {name: acc.copy() for name, acc in self.attribution.items()}
             per_key: dict[RouteKey, int] = {}
             for (route, method, auth, _outcome), n in self._counts.items():
                 per_key[(route, method, auth)] = per_key.get((route, method, auth), 0) + n
             total = self.requests
         shares = {k: n / total for k, n in per_key.items()} if total else {}
-        estimates = attribution.estimates(shares)
+        estimates = merge_estimates(
+            {name: acc.estimates(shares) for name, acc in channels.items()},
+            container_bytes=2.0 * self.config.heap_block_bytes,
+        )
         minimum = self.config.min_route_bytes
         self.route_estimates = [
             dataclasses.replace(
@@ -434,11 +456,17 @@ class Monitor:
         cost = self.signals.heap_cost_us
         self._cost_interval = max(1, math.ceil(cost / budget))
         self._min_interval = max(self.config.sample_every_requests, self._cost_interval)
-        # A measured pair of requests costs two heap readings and two gc-statistics readings.
-        pair_cost = 2.0 * cost
-        self._pair_rate = min(
-            self.config.request_sample_rate, self.config.pair_budget_us / pair_cost
-        )
+        # Every probe reads the container count (O(1)); a heavy one also reads the heap and RSS,
+        # twice per pair. While a trend is on and no route is named yet, look harder.
+        self._pair_rate = self.config.request_sample_rate
+        budget = self.config.pair_budget_us
+        if self.detector.verdict.trends and any(
+            t.bytes_per_request is not None for t in self.detector.verdict.trends.values()
+        ) and not any(e.suspected for e in self.route_estimates):
+            budget *= 10
+        heavy_cost = 2.0 * (cost + 2.0)
+        heavy_rate = budget / heavy_cost
+        self._heavy_share = min(1.0, heavy_rate / max(self._pair_rate, 1e-9))
 
     # --- reading the state --------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class RouteStat:
     requests: int
     retained_bytes_per_request: float | None = None
     suspected: bool = False
+    pairs: int = 0  # per-request measurements behind the estimate
+    t: float | None = None  # Welch's t of this route against the rest
 
 
 @dataclass
@@ -150,6 +152,8 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
                     estimate.retained_bytes_per_request if estimate else None
                 ),
                 suspected=bool(estimate and estimate.suspected),
+                pairs=estimate.pairs if estimate else 0,
+                t=_round(estimate.t, 2) if estimate else None,
             )
         )
     history = _thin(snapshot.history)

@@ -10,6 +10,7 @@ report, and keeps ``/metrics`` and ``/memwatch/`` reachable for ``MEMWATCH_DEMO_
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -201,10 +202,8 @@ def main() -> int:
                 f"  report JSON: http://127.0.0.1:{port}/memwatch/report.json\n"
                 f"  (set MEMWATCH_DEMO_HOLD=0 to exit at once; Ctrl-C to stop)"
             )
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 time.sleep(hold)
-            except KeyboardInterrupt:
-                pass
         return 0
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -86,4 +86,4 @@ def health() -> Response:
     return jsonify(ok=True)
 
 
-app.wsgi_app = memwatch.wrap(app.wsgi_app)  # type: ignore[method-assign]
+app.wsgi_app = memwatch.WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]

@@ -14,6 +14,10 @@ class AppError(RuntimeError):
     """Raised by ``/boom``: tests check that this very object reaches the server."""
 
 
+# One entry per close() of a /closing response (Werkzeug runs call_on_close callbacks there).
+CLOSE_CALLS: list[str] = []
+
+
 def create_app(*, propagate: bool = True) -> Flask:
     """The Flask app. ``propagate`` sets ``PROPAGATE_EXCEPTIONS`` (True: ``/boom`` raises to the
     server, as in Flask's testing mode; False: Flask answers 500 itself)."""
@@ -52,6 +56,13 @@ def create_app(*, propagate: bool = True) -> Flask:
                 yield b"chunk-%06d\n" % i
 
         return Response(stream_with_context(generate()), mimetype="text/plain")
+
+    @app.get("/closing/<int:chunks>")
+    def closing(chunks: int) -> Response:
+        response = Response((b"part-%d;" % i for i in range(chunks)), mimetype="text/plain")
+        path = request.path
+        response.call_on_close(lambda: CLOSE_CALLS.append(path))
+        return response
 
     @app.get("/reset/<token>")
     def reset(token: str) -> str:

@@ -69,6 +69,16 @@ async def reset(request: Request) -> Response:
     return PlainTextResponse("reset requested")
 
 
+async def echo_headers(request: Request) -> Response:
+    # The raw bytes the app saw, hex-encoded, so any byte survives the round trip.
+    seen = {
+        name.decode("latin-1"): value.hex()
+        for name, value in request.scope["headers"]
+        if name in (b"authorization", b"cookie")
+    }
+    return JSONResponse(seen)
+
+
 async def echo(websocket: WebSocket) -> None:
     await websocket.accept()
     while True:
@@ -99,6 +109,7 @@ def create_app(*, state: dict[str, bool] | None = None) -> Starlette:
             Route("/boom", boom),
             Route("/stream/{chunks:int}", stream),
             Route("/reset/{token}", reset),
+            Route("/echo-headers", echo_headers),
             WebSocketRoute("/ws", echo),
             Mount("/v1", app=sub),
             Mount("/plain", app=plain_asgi),

@@ -1,0 +1,108 @@
+"""CLEAN: a Django app with ``DEBUG = True`` that runs SQL (sqlite, in memory) on every request.
+
+With DEBUG on, Django records every query in ``connection.queries_log``, a
+``deque(maxlen=9000)``. On the request thread the log is cleared at each ``request_started``;
+this app also sends an audit write (eight queries) for most requests to a single background
+thread (a common "don't block the response" pattern), whose connection is never reset: its query
+log fills up to the 9,000-entry cap within about 1,600 requests (inside memwatch's warm-up) and
+then stays at that size. Neither is a leak.
+"""
+
+from __future__ import annotations
+
+import django
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(
+        DEBUG=True,
+        SECRET_KEY="memwatch-corpus-not-a-secret-0123456789",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        INSTALLED_APPS=[],
+        MIDDLEWARE=[],
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        USE_TZ=True,
+    )
+    django.setup()
+
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+from django.db import connection  # noqa: E402
+from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
+from django.urls import path  # noqa: E402
+
+import memwatch  # noqa: E402
+from tests.corpus import common  # noqa: E402
+
+AUDIT_QUERIES_PER_REQUEST = 8
+_AUDIT = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+
+
+def _audit(kind: str, ref: int) -> None:
+    with connection.cursor() as cursor:
+        for step in range(AUDIT_QUERIES_PER_REQUEST):
+            cursor.execute("SELECT %s, %s, %s", [kind, ref, step])
+            cursor.fetchone()
+
+
+def _query(n: int) -> list[tuple[int, int]]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < %s) "
+            "SELECT i, i * %s FROM s",
+            [n, n],
+        )
+        return list(cursor.fetchall())
+
+
+def _unauthorized() -> HttpResponse:
+    return JsonResponse({"error": "unauthorized"}, status=401)
+
+
+def articles(request: HttpRequest) -> HttpResponse:
+    rows = _query(5)
+    _AUDIT.submit(_audit, "list", len(rows))
+    return JsonResponse({"articles": [{"id": i, "score": s} for i, s in rows]})
+
+
+def article(request: HttpRequest, pk: int) -> HttpResponse:
+    rows = _query(pk % 7 + 1)
+    _AUDIT.submit(_audit, "read", pk)
+    return JsonResponse({"id": pk, "sections": len(rows)})
+
+
+def comments(request: HttpRequest, pk: int) -> HttpResponse:
+    if not common.session_valid(common.session_from_cookie(request.META.get("HTTP_COOKIE"))):
+        return _unauthorized()
+    rows = _query(3)
+    if request.method == "POST":
+        request.body  # noqa: B018 - read the form like a real view would
+        _AUDIT.submit(_audit, "comment", pk)
+        return JsonResponse({"created": True}, status=201)
+    return JsonResponse({"article": pk, "comments": [r[0] for r in rows]})
+
+
+def stats(request: HttpRequest) -> HttpResponse:
+    token = common.bearer_of(request.META.get("HTTP_AUTHORIZATION"))
+    if token is None or common.decode_token(token) is None:
+        return _unauthorized()
+    rows = _query(10)
+    _AUDIT.submit(_audit, "stats", len(rows))
+    return JsonResponse({"total": sum(s for _, s in rows)})
+
+
+def health(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(b"ok", content_type="text/plain")
+
+
+urlpatterns = [
+    path("articles/", articles),
+    path("articles/<int:pk>/", article),
+    path("articles/<int:pk>/comments/", comments),
+    path("stats/", stats),
+    path("health/", health),
+]
+
+app = memwatch.wrap(get_wsgi_application())

@@ -1,0 +1,107 @@
+"""LEAK: a Django API that caches decoded Bearer tokens in a module-level dict, never evicted.
+
+``api/orders/`` (GET, bearer) decodes the token once per distinct token and keeps the claims in
+``_CLAIMS_BY_TOKEN`` keyed by the token: one entry (the token string and the claims dict, about
+1.5 KB) per token ever seen. Repeated tokens cost nothing; the growth follows first-seen
+credentials, not requests. The other routes use other auth schemes and keep nothing.
+"""
+
+from __future__ import annotations
+
+import django
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="memwatch-corpus-not-a-secret-0123456789",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        INSTALLED_APPS=[],
+        MIDDLEWARE=[],
+        DATABASES={},
+        USE_TZ=True,
+    )
+    django.setup()
+
+from typing import Any  # noqa: E402
+
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
+from django.urls import include, path  # noqa: E402
+
+import memwatch  # noqa: E402
+from tests.corpus import common  # noqa: E402
+
+# token -> decoded claims. "Decoding is expensive, tokens are reused": true, and unbounded.
+_CLAIMS_BY_TOKEN: dict[str, dict[str, Any]] = {}
+
+
+def _claims(request: HttpRequest) -> dict[str, Any] | None:
+    token = common.bearer_of(request.META.get("HTTP_AUTHORIZATION"))
+    if token is None:
+        return None
+    claims = _CLAIMS_BY_TOKEN.get(token)
+    if claims is None:
+        claims = common.decode_token(token)
+        if claims is not None:
+            _CLAIMS_BY_TOKEN[token] = claims
+    return claims
+
+
+def _unauthorized() -> HttpResponse:
+    response = JsonResponse({"error": "unauthorized"}, status=401)
+    response["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def orders(request: HttpRequest) -> HttpResponse:
+    claims = _claims(request)
+    if claims is None:
+        return _unauthorized()
+    page = int(request.GET.get("page", "1"))
+    return JsonResponse(
+        {
+            "customer": claims["sub"],
+            "page": page,
+            "orders": [{"id": page * 10 + i, "total": (page * 7 + i) % 300} for i in range(5)],
+        }
+    )
+
+
+def order(request: HttpRequest, pk: int) -> HttpResponse:
+    if not common.api_key_valid(request.META.get("HTTP_X_API_KEY")):
+        return _unauthorized()
+    return JsonResponse({"id": pk, "status": "shipped", "items": pk % 7 + 1})
+
+
+def catalog(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"products": [{"sku": f"SKU-{i:04d}", "price": i * 3} for i in range(8)]})
+
+
+def cart(request: HttpRequest) -> HttpResponse:
+    if not common.session_valid(common.session_from_cookie(request.META.get("HTTP_COOKIE"))):
+        return _unauthorized()
+    return JsonResponse({"items": 3, "total": 42})
+
+
+def health(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(b"ok", content_type="text/plain")
+
+
+urlpatterns = [
+    path(
+        "api/",
+        include(
+            [
+                path("orders/", orders),
+                path("orders/<int:pk>/", order),
+                path("catalog/", catalog),
+                path("cart/", cart),
+            ]
+        ),
+    ),
+    path("health/", health),
+]
+
+app = memwatch.wrap(get_wsgi_application())

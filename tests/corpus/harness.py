@@ -1,0 +1,181 @@
+"""Run one corpus case end to end and judge memwatch's verdict.
+
+:func:`run_case` starts the case's server, sends its traffic, polls ``/memwatch/report.json``
+every 500 requests, and returns a :class:`CaseResult`: when the leak was first suspected, when
+the leaking (route, method, auth) was first marked, which routes were marked, ``scales_with``,
+the alert counter from ``/metrics``, and every poll (the series the detector saw, for tuning).
+
+A leaking case stops :data:`SETTLE_REQUESTS` after the leaking route is first marked (to see
+that the verdict holds), or at ``case.max_requests``; a clean case always runs to the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.corpus.catalog import Case, RouteKey
+from tests.corpus.servers import serve
+from tests.corpus.traffic import Poll, Traffic, fetch, metric_value, run_load
+
+POLL_EVERY = 500
+SETTLE_REQUESTS = 1_000
+
+
+@dataclass
+class CaseResult:
+    case: str
+    framework: str
+    server: str
+    leaking_route: RouteKey | None
+    leak_bytes_per_request: float | None
+    requests: int
+    seconds: float
+    first_flagged: int | None = None  # requests at the first poll with leak.suspected
+    detected: int | None = None  # requests at the first poll that marked the leaking route
+    routes_marked: list[RouteKey] = field(default_factory=list)
+    scales_with: str | None = None  # at the last poll while suspected
+    scales_with_at_detection: str | None = None
+    cleared_at: int | None = None  # a suspected verdict that went away while the leak went on
+    alerts_total: float | None = None
+    passed: bool = False
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    polls: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    unexpected_statuses: dict[str, int] = field(default_factory=dict)
+    server_log_tail: str = ""
+
+    @property
+    def extra_routes(self) -> list[RouteKey]:
+        return [k for k in self.routes_marked if k != self.leaking_route]
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        why = "; ".join(self.reasons + self.warnings)
+        return f"{verdict} {self.case}: {why}" if why else f"{verdict} {self.case}"
+
+
+def run_case(
+    case: Case,
+    *,
+    seed: int = 1,
+    max_requests: int | None = None,
+    stop_when_detected: bool = True,
+    progress: Callable[[str], None] | None = print,
+    log_dir: Path | None = None,
+) -> CaseResult:
+    """Runs ``case`` under its server and judges the verdict (see the module docstring)."""
+    limit = max_requests or case.max_requests
+    leak_key = case.leak.route if case.leak else None
+    detected: list[int] = []
+
+    def stop(poll: Poll) -> bool:
+        if leak_key is None or not stop_when_detected:
+            return False
+        if not detected and poll.suspected and leak_key in poll.suspected_routes:
+            detected.append(poll.requests)
+        return bool(detected) and poll.requests >= detected[0] + SETTLE_REQUESTS
+
+    started = time.monotonic()
+    with serve(case, log_dir=log_dir) as server:
+        traffic = Traffic(case, seed=seed)
+        stats = run_load(
+            server.port,
+            traffic,
+            clients=case.clients,
+            max_requests=limit,
+            poll_every=POLL_EVERY,
+            stop=stop,
+            progress=progress,
+            label=case.name,
+        )
+        status, body = fetch(server.port, "/metrics")
+        alerts = metric_value(body.decode(), "memwatch_leak_alerts_total") if status == 200 else None
+        report_status, report_body = fetch(server.port, "/memwatch/report.json")
+        history: list[dict[str, Any]] = []
+        if report_status == 200:
+            import json
+
+            history = json.loads(report_body).get("history") or []
+        log_tail = server.log_tail()
+
+    result = CaseResult(
+        case=case.name,
+        framework=case.framework,
+        server=case.server,
+        leaking_route=leak_key,
+        leak_bytes_per_request=case.leak.bytes_per_request if case.leak else None,
+        requests=stats.requests,
+        seconds=round(time.monotonic() - started, 1),
+        alerts_total=alerts,
+        polls=[p.brief() for p in stats.polls],
+        history=history,
+        unexpected_statuses=dict(stats.unexpected),
+        server_log_tail=log_tail,
+    )
+    judge(case, result, stats.polls)
+    if stats.errors:
+        result.passed = False
+        result.reasons.append(f"{len(stats.errors)} transport errors, first: {stats.errors[0]}")
+    if stats.unexpected:
+        result.passed = False
+        worst = ", ".join(f"{k} x{n}" for k, n in stats.unexpected.most_common(3))
+        result.reasons.append(f"the app answered unexpectedly: {worst}")
+    return result
+
+
+def judge(case: Case, result: CaseResult, polls: list[Poll]) -> None:
+    """Fills in the verdict fields of ``result`` from the polls."""
+    leak_key = case.leak.route if case.leak else None
+    flagged = [p for p in polls if p.suspected]
+    result.first_flagged = flagged[0].requests if flagged else None
+    correct = [p for p in flagged if leak_key is not None and leak_key in p.suspected_routes]
+    if correct:
+        result.detected = correct[0].requests
+        result.routes_marked = correct[0].suspected_routes
+        result.scales_with_at_detection = correct[0].scales_with
+    elif flagged:
+        result.routes_marked = flagged[-1].suspected_routes
+    if flagged:
+        result.scales_with = flagged[-1].scales_with
+        after = [p for p in polls if p.requests > flagged[0].requests]
+        cleared = [p for p in after if not p.suspected]
+        result.cleared_at = cleared[0].requests if cleared else None
+
+    if case.leak is None:
+        if flagged:
+            marked = ", ".join(f"{m} {r} {a}" for r, m, a in result.routes_marked) or "no route"
+            result.reasons.append(
+                f"false alarm at {result.first_flagged} requests "
+                f"({flagged[0].signal}, {flagged[0].growth_bytes_per_request} B/request; {marked})"
+            )
+        if result.alerts_total:
+            result.reasons.append(f"memwatch_leak_alerts_total = {result.alerts_total:g}")
+        result.passed = not result.reasons
+        return
+
+    if not flagged:
+        last = polls[-1] if polls else None
+        result.reasons.append(
+            f"not flagged within {result.requests} requests"
+            + (f" (last status {last.status})" if last else "")
+        )
+    elif result.detected is None:
+        marked = ", ".join(f"{m} {r} {a}" for r, m, a in result.routes_marked) or "none"
+        result.reasons.append(
+            f"flagged at {result.first_flagged} but the leaking route was never marked "
+            f"(marked: {marked})"
+        )
+    expected = case.leak.scales_with
+    if flagged and expected is not None and result.scales_with != expected:
+        result.reasons.append(f"scales_with {result.scales_with!r}, expected {expected!r}")
+    if result.cleared_at is not None:
+        result.reasons.append(f"verdict cleared at {result.cleared_at} requests while leaking")
+    if result.extra_routes:
+        extra = ", ".join(f"{m} {r} {a}" for r, m, a in result.extra_routes)
+        result.warnings.append(f"clean routes also marked: {extra}")
+    result.passed = not result.reasons

@@ -1,0 +1,277 @@
+"""Drive a corpus app in process, without a server: for the false-alarm soak and to measure how
+much each app really retains.
+
+The corpus's :class:`tests.corpus.traffic.Traffic` makes the requests; a minimal PEP 3333 driver
+(environ built, body iterated, ``close()`` called, which is where memwatch records) or ASGI driver
+(one event loop, ``await app(scope, receive, send)``) hands them to the app. Both run in a child
+process per case (``python -m tests.corpus.inprocess``) so that each app has its own heap and its
+own memwatch, as under a server, and two Django settings never meet.
+
+- ``soak``: the wrapped app at default settings, ``/memwatch/report.json`` read through the app
+  every 500 requests and the alert counter from ``/metrics`` at the end.
+- ``measure``: the *unwrapped* app under tracemalloc after a warm-up: retained bytes per request,
+  and per request of the leaking route (the figure in the catalogue).
+
+Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib
+import io
+import json
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from tests.corpus.catalog import BY_NAME, Case
+from tests.corpus.traffic import Request, Traffic, metric_value, poll_from_report
+
+SOAK_POLL_EVERY = 500
+
+
+def _environ(request: Request) -> dict[str, Any]:
+    url = urlsplit(request.path)
+    body = request.body or b""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": request.method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": url.path,
+        "QUERY_STRING": url.query,
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": "50000",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    for name, value in request.headers.items():
+        key = name.upper().replace("-", "_")
+        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            environ[key] = value
+        else:
+            environ["HTTP_" + key] = value
+    return environ
+
+
+class WSGIDriver:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, request: Request) -> tuple[int, bytes]:
+        status: list[str] = []
+
+        def start_response(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+            status.append(line)
+            return lambda data: None
+
+        result: Iterable[bytes] = self.app(_environ(request), start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return int(status[-1][:3]), body
+
+    def close(self) -> None:
+        pass
+
+
+class ASGIDriver:
+    """Runs requests one after another on one event loop (kept between calls)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, request: Request) -> tuple[int, bytes]:
+        return self.loop.run_until_complete(self._one(request))
+
+    async def _one(self, request: Request) -> tuple[int, bytes]:
+        url = urlsplit(request.path)
+        body = request.body or b""
+        sent = False
+        status = 0
+        chunks: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)  # a client that stays connected
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": "http",
+            "path": url.path,
+            "raw_path": url.path.encode(),
+            "query_string": url.query.encode(),
+            "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+        }
+        await self.app(scope, receive, send)
+        return status, b"".join(chunks)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+
+def driver_for(app: Any) -> WSGIDriver | ASGIDriver:
+    import memwatch
+
+    protocol = memwatch.detect_protocol(app)
+    return ASGIDriver(app) if protocol == "asgi" else WSGIDriver(app)
+
+
+def _get(path: str) -> Request:
+    return Request("GET", path, {"Host": "127.0.0.1", "Accept": "application/json"}, None, ("", "GET", "anonymous"), False)
+
+
+def _check(request: Request, status: int) -> bool:
+    return status == 401 if request.rejected else status < 400
+
+
+# --- soak ------------------------------------------------------------------------------------
+
+
+def soak(case: Case, requests: int, seed: int) -> dict[str, Any]:
+    """``requests`` requests through the wrapped app; every poll's verdict."""
+    module = importlib.import_module(f"tests.corpus.{case.name}")
+    drive = driver_for(module.app)
+    traffic = Traffic(case, seed=seed)
+    polls: list[dict[str, Any]] = []
+    unexpected = 0
+    start = time.monotonic()
+    for n in range(1, requests + 1):
+        request = traffic.next()
+        status, _ = drive(request)
+        unexpected += not _check(request, status)
+        if n % SOAK_POLL_EVERY == 0 or n == requests:
+            status, body = drive(_get("/memwatch/report.json"))
+            poll = poll_from_report(json.loads(body), n, time.monotonic() - start)
+            polls.append(poll.brief())
+    _, metrics = drive(_get("/metrics"))
+    drive.close()
+    flagged = [p for p in polls if p["suspected"]]
+    return {
+        "case": case.name,
+        "requests": requests,
+        "seconds": round(time.monotonic() - start, 1),
+        "unexpected_statuses": unexpected,
+        "first_flagged": flagged[0]["requests"] if flagged else None,
+        "alerts_total": metric_value(metrics.decode(), "memwatch_leak_alerts_total"),
+        "polls": polls,
+    }
+
+
+# --- measure ---------------------------------------------------------------------------------
+
+
+def measure(case: Case, warmup: int, requests: int, seed: int) -> dict[str, Any]:
+    """Bytes the unwrapped app retains per request after ``warmup`` requests (tracemalloc)."""
+    module = importlib.import_module(f"tests.corpus.{case.name}")
+    app = getattr(module.app, "app", module.app)  # memwatch's middleware keeps the app in .app
+    drive = driver_for(app)
+    traffic = Traffic(case, seed=seed)
+    for _ in range(warmup):
+        drive(traffic.next())
+    leak_key = case.leak.route if case.leak else None
+    gc.collect()
+    tracemalloc.start(1)
+    before = tracemalloc.get_traced_memory()[0]
+    on_route = 0
+    for _ in range(requests):
+        request = traffic.next()
+        drive(request)
+        on_route += request.key == leak_key
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    drive.close()
+    return {
+        "case": case.name,
+        "requests": requests,
+        "leaking_route_requests": on_route,
+        "bytes_per_request": grown / requests,
+        "bytes_per_leaking_request": grown / on_route if on_route else None,
+    }
+
+
+def run_in_subprocess(args: list[str], timeout: float) -> dict[str, Any]:
+    from tests.corpus.servers import ROOT, server_environment
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.corpus.inprocess", *args],
+        cwd=ROOT,
+        env=server_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"tests.corpus.inprocess {' '.join(args)} exited {completed.returncode}:\n"
+            f"{completed.stderr[-3000:]}"
+        )
+    return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def soak_in_subprocess(case: Case, requests: int, seed: int = 7, timeout: float = 280) -> dict[str, Any]:
+    return run_in_subprocess(["soak", case.name, str(requests), "--seed", str(seed)], timeout)
+
+
+def measure_in_subprocess(case: Case, warmup: int = 3000, requests: int = 2000, seed: int = 3) -> dict[str, Any]:
+    return run_in_subprocess(
+        ["measure", case.name, str(requests), "--warmup", str(warmup), "--seed", str(seed)], 280
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Drive a corpus app in process.")
+    parser.add_argument("mode", choices=("soak", "measure"))
+    parser.add_argument("case", choices=sorted(BY_NAME))
+    parser.add_argument("requests", type=int)
+    parser.add_argument("--warmup", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    case = BY_NAME[args.case]
+    if args.mode == "soak":
+        result = soak(case, args.requests, args.seed)
+    else:
+        result = measure(case, args.warmup, args.requests, args.seed)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The monitor through its public methods, with injected signals, a fake clock and a seeded rng."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import random
+from typing import Any
+
+import pytest
+
+from memwatch.config import Config
+from memwatch.monitor import Monitor
+from tests.fixtures import PAGE_SIZE, STATM_RESIDENT_PAGES, FakeClock, make_signals
+
+CANARY = "canary-Tk_91xQzP0wLmN"
+
+OUTCOMES = [
+    pytest.param(200, "ok", id="200"),
+    pytest.param(201, "ok", id="201"),
+    pytest.param(302, "ok", id="302"),
+    pytest.param(304, "ok", id="304"),
+    pytest.param(401, "rejected", id="401"),
+    pytest.param(403, "rejected", id="403"),
+    pytest.param(400, "client_error", id="400"),
+    pytest.param(404, "client_error", id="404"),
+    pytest.param(422, "client_error", id="422"),
+    pytest.param(429, "client_error", id="429"),
+    pytest.param(500, "server_error", id="500"),
+    pytest.param(503, "server_error", id="503"),
+]
+OUTCOME_OF = {p.values[0]: p.values[1] for p in OUTCOMES}
+
+
+def monitor(clock: FakeClock | None = None, signals: Any = None, **options: Any) -> Monitor:
+    return Monitor(
+        Config(**options),
+        signals=signals or make_signals(),
+        clock=clock or FakeClock(),
+        rng=random.Random(20261123),
+    )
+
+
+def serve(m: Monitor, route: str, method: str = "GET", auth: str = "anonymous",
+          credential: str | None = None, status: int = 200) -> None:
+    """One request through the monitor's per-request path, as a middleware drives it."""
+    probe = m.request_entry()
+    m.request_exit(route, method, auth, credential, status, probe)
+
+
+# --- counting ----------------------------------------------------------------------------------
+
+
+def test_counts_per_key_are_exact() -> None:
+    # GIVEN a mix of routes, methods, schemes and statuses, shuffled
+    traffic = [
+        (route, method, auth, status)
+        for route, method, auth, status, n in [
+            ("/users/{id}", "GET", "bearer", 200, 37),
+            ("/users/{id}", "GET", "bearer", 401, 11),
+            ("/users/{id}", "DELETE", "basic", 403, 3),
+            ("/orders", "POST", "apikey", 201, 23),
+            ("/orders", "POST", "apikey", 422, 5),
+            ("/orders", "POST", "apikey", 503, 2),
+            ("/", "GET", "anonymous", 302, 19),
+        ]
+        for _ in range(n)
+    ]
+    random.Random(5).shuffle(traffic)
+    m = monitor()
+    # WHEN they are served
+    for route, method, auth, status in traffic:
+        serve(m, route, method, auth, "cred" if auth != "anonymous" else None, status)
+    # THEN every (route, method, auth, outcome) is counted exactly
+    expected = collections.Counter((r, me, a, OUTCOME_OF[s]) for r, me, a, s in traffic)
+    snap = m.snapshot()
+    assert snap.counts == dict(expected)
+    assert snap.requests == len(traffic) == m.requests
+
+
+@pytest.mark.parametrize(("status", "outcome"), OUTCOMES)
+def test_outcome_of_status(status: int, outcome: str) -> None:
+    m = monitor()
+    serve(m, "/x", status=status)
+    assert m.snapshot().counts == {("/x", "GET", "anonymous", outcome): 1}
+
+
+@pytest.mark.parametrize(
+    ("method", "label"),
+    [
+        *[pytest.param(m, m, id=m) for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")],
+        pytest.param("PROPFIND", "OTHER", id="webdav"),
+        pytest.param("BREW", "OTHER", id="made up"),
+        pytest.param("get", "OTHER", id="lower case is another method"),
+        pytest.param("G" * 10_000, "OTHER", id="huge"),
+        pytest.param("", "OTHER", id="empty"),
+    ],
+)
+def test_method_label(method: str, label: str) -> None:
+    m = monitor()
+    serve(m, "/x", method=method)
+    assert list(m.snapshot().counts) == [("/x", label, "anonymous", "ok")]
+
+
+# --- when samples are taken --------------------------------------------------------------------
+
+
+def test_samples_every_n_requests() -> None:
+    # A huge budget keeps the cost of readings out of the picture; the clock does not move.
+    m = monitor(sample_every_requests=10, sample_every_seconds=3600.0, sample_budget_us=1e6)
+    for _ in range(35):
+        serve(m, "/x")
+    assert [s.requests for s in m.history] == [10, 20, 30]
+
+
+def test_samples_every_t_seconds() -> None:
+    # GIVEN requests 0.3 s apart and a period of 1 s (the request count never triggers)
+    clock = FakeClock()
+    start = clock()
+    m = monitor(clock, sample_every_requests=10**6, sample_every_seconds=1.0, sample_budget_us=1e6)
+    # WHEN 100 requests arrive
+    for _ in range(100):
+        clock.advance(0.3)
+        serve(m, "/x")
+    # THEN a sample is taken by the first request at least 1 s after the previous sample
+    times = [start] + [s.time for s in m.history]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(gaps) == 100 // 4
+    assert all(1.0 <= gap < 1.0 + 0.3 for gap in gaps), gaps
+
+
+@pytest.mark.parametrize("cost_us", [0.0, 30.0, 144.0], ids=["cheap heap", "1 M blocks", "5 M blocks"])
+def test_sampling_interval_stretches_with_the_cost_of_a_heap_reading(cost_us: float) -> None:
+    # GIVEN a heap reading that costs cost_us microseconds (it advances a fake perf clock)
+    perf = FakeClock()
+
+    def heap() -> int:
+        perf.advance(cost_us * 1e-6)
+        return 1_000_000
+
+    clock = FakeClock()
+    budget = 0.25
+    m = monitor(
+        clock,
+        make_signals(heap=heap, perf=perf),
+        sample_every_requests=10,
+        sample_every_seconds=1.0,
+        sample_budget_us=budget,
+    )
+    for _ in range(60):  # the monitor learns the cost from its readings (request count 0)
+        m.take_sample()
+    # WHEN requests arrive 10 s apart (the period alone would sample on every request)
+    n = 3000
+    for _ in range(n):
+        clock.advance(10.0)
+        serve(m, "/x")
+    # THEN samples are spaced by the cost: never more than budget µs of heap reading per request
+    marks = [s.requests for s in m.history if s.requests > 0]
+    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    expected = max(1, math.ceil(cost_us / budget))
+    assert len(gaps) >= min(n // (expected + 1), m.config.history_size) - 2
+    assert min(gaps) >= expected
+    assert max(gaps) <= expected + 1  # and no more than the cost demands
+    if cost_us == 144.0:
+        assert min(gaps) >= 144 / 0.25
+
+
+def test_a_frozen_clock_still_samples_every_n_requests_when_readings_are_cheap() -> None:
+    m = monitor(sample_every_requests=25, sample_every_seconds=1.0)
+    for _ in range(100):
+        serve(m, "/x")
+    marks = [s.requests for s in m.history]
+    assert marks == [25, 50, 75, 100]
+
+
+# --- distinct credentials ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distinct", [1, 25, 1000, 5000])
+def test_distinct_credentials_are_estimated(distinct: int) -> None:
+    m = monitor(sample_every_requests=10**6)
+    for repeat in range(3):
+        for i in range(distinct):
+            serve(m, "/me", auth="bearer", credential=f"{CANARY}-{i}")
+    serve(m, "/", auth="anonymous")
+    serve(m, "/", auth="basic", credential="only-one")
+    estimates = m.snapshot().distinct_credentials
+    assert estimates["bearer"] == pytest.approx(distinct, rel=0.05)
+    assert estimates["basic"] == pytest.approx(1, abs=0.5)
+    assert estimates["apikey"] == 0
+    assert "anonymous" not in estimates
+
+
+# --- failing readings --------------------------------------------------------------------------
+
+
+class FailingProcess:
+    """A psutil.Process stand-in whose reading fails with a message quoting a secret."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def memory_info(self) -> Any:
+        self.calls += 1
+        raise PermissionError(f"cannot read /proc/1/status for token {CANARY}")
+
+
+def test_a_failing_rss_reader_is_counted_and_logged_once_without_its_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # GIVEN no statm file and a process object that always fails
+    process = FailingProcess()
+    m = monitor(
+        signals=make_signals(statm_path=None, process=process),
+        sample_every_requests=10**6,
+        request_sample_rate=0.0,
+    )
+    caplog.set_level(logging.DEBUG, logger="memwatch")
+    # WHEN three samples are taken
+    samples = [m.take_sample() for _ in range(3)]
+    # THEN each has no RSS but still its heap reading, and each failure is counted
+    assert all(s is not None and s.rss_bytes is None for s in samples)
+    assert all(s is not None and s.heap_blocks == 50_000 for s in samples)
+    assert process.calls == 3
+    assert m.snapshot().internal_errors == 3
+    assert m.errors.by_where == {"signals.rss": 3}
+    # AND it is logged once, naming the exception type, never its message
+    records = [r for r in caplog.records if r.name == "memwatch"]
+    assert len(records) == 1
+    assert "PermissionError" in caplog.text and "signals.rss" in caplog.text
+    assert CANARY not in caplog.text
+
+
+def test_a_failing_heap_reader_leaves_the_rest_of_the_sample() -> None:
+    def heap() -> int:
+        raise MemoryError(CANARY)
+
+    m = monitor(signals=make_signals(heap=heap), request_sample_rate=0.0)
+    sample = m.take_sample()
+    assert sample is not None
+    assert sample.heap_blocks is None
+    assert sample.rss_bytes == STATM_RESIDENT_PAGES * PAGE_SIZE
+    assert m.errors.by_where == {"signals.heap": 1}
+
+
+def test_snapshot_is_a_copy() -> None:
+    m = monitor()
+    serve(m, "/a")
+    m.take_sample()
+    snap = m.snapshot()
+    serve(m, "/a")
+    serve(m, "/b")
+    m.take_sample()
+    assert snap.counts == {("/a", "GET", "anonymous", "ok"): 1}
+    assert snap.requests == 1 and len(snap.history) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_afresh() -> None:
+    # GIVEN a monitor that counted requests in the parent
+    m = monitor()
+    for _ in range(5):
+        serve(m, "/a")
+    m.take_sample()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            snap = m.snapshot()
+            serve(m, "/child")
+            os.write(write, json.dumps(
+                {"requests": snap.requests, "history": len(snap.history), "pid": m.pid,
+                 "after": m.snapshot().counts.get(("/child", "GET", "anonymous", "ok"), 0)}
+            ).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    # THEN the child's monitor is empty and its own, and the parent's is untouched
+    assert child == {"requests": 0, "history": 0, "pid": pid, "after": 1}
+    assert m.snapshot().requests == 5 and m.pid == os.getpid()
