@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import io
 import json
@@ -34,8 +35,9 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+import tracemalloc
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import memwatch
@@ -151,12 +153,18 @@ def _write(data: bytes) -> None:
     pass
 
 
+# Requests are built CHUNK at a time, just before they are timed, as a server builds each
+# request just before calling the app: their objects are still in the CPU caches, as they are in
+# a server. Building a whole batch beforehand would make every request start on cold memory.
+CHUNK = 32
+
+
 class Driver(Protocol):
-    """Prepares a batch of requests (not timed) and runs it (timed)."""
+    """Runs requests through an app; only the app's calls are timed."""
 
-    def prepare(self, specs: Sequence[RequestSpec]) -> Any: ...
-
-    def run(self, prepared: Any) -> None: ...
+    def measure(self, specs: Sequence[RequestSpec], timer: Callable[[], float]) -> float:
+        """CPU seconds spent in the app for these requests."""
+        ...
 
 
 class WSGIDriver:
@@ -164,9 +172,7 @@ class WSGIDriver:
 
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
         self.app = app
-
-    def prepare(self, specs: Sequence[RequestSpec]) -> list[dict[str, Any]]:
-        base: dict[str, Any] = {
+        self.base: dict[str, Any] = {
             "REQUEST_METHOD": "GET",
             "SCRIPT_NAME": "",
             "QUERY_STRING": QUERY,
@@ -175,7 +181,6 @@ class WSGIDriver:
             "SERVER_PROTOCOL": "HTTP/1.1",
             "REMOTE_ADDR": "10.0.0.7",
             "REMOTE_PORT": "51234",
-            "RAW_URI": "",
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "https",
             "wsgi.errors": sys.stderr,
@@ -186,10 +191,12 @@ class WSGIDriver:
             "HTTP_COOKIE": COOKIE,
         }
         for name, value in COMMON_HEADERS:
-            base["HTTP_" + name.upper().replace("-", "_")] = value
+            self.base["HTTP_" + name.upper().replace("-", "_")] = value
+
+    def prepare(self, specs: Sequence[RequestSpec]) -> list[dict[str, Any]]:
         environs = []
         for spec in specs:
-            environ = dict(base)
+            environ = dict(self.base)
             environ["PATH_INFO"] = spec.path
             environ["RAW_URI"] = spec.path + "?" + QUERY
             environ["HTTP_AUTHORIZATION"] = "Bearer " + spec.token
@@ -197,17 +204,23 @@ class WSGIDriver:
             environs.append(environ)
         return environs
 
-    def run(self, prepared: list[dict[str, Any]]) -> None:
+    def measure(self, specs: Sequence[RequestSpec], timer: Callable[[], float]) -> float:
         app = self.app
-        for environ in prepared:
-            result = app(environ, _start_response)
-            try:
-                for _chunk in result:
-                    pass
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
+        total = 0.0
+        for i in range(0, len(specs), CHUNK):
+            environs = self.prepare(specs[i : i + CHUNK])
+            begin = timer()
+            for environ in environs:
+                result = app(environ, _start_response)
+                try:
+                    for _chunk in result:
+                        pass
+                finally:
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+            total += timer() - begin
+        return total
 
 
 _RECEIVE_MESSAGE = {"type": "http.request", "body": b"", "more_body": False}
@@ -227,12 +240,17 @@ class ASGIDriver:
     def __init__(self, app: Callable[..., Any], loop: asyncio.AbstractEventLoop) -> None:
         self.app = app
         self.loop = loop
+        self.headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in COMMON_HEADERS]
+        self.cookie = COOKIE.encode("latin-1")
 
     def prepare(self, specs: Sequence[RequestSpec]) -> list[dict[str, Any]]:
-        common = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in COMMON_HEADERS]
-        cookie = (b"cookie", COOKIE.encode("latin-1"))
         scopes = []
         for spec in specs:
+            # New bytes objects for every request, as a server's parser makes them (their
+            # hashes are not cached yet).
+            headers = [(bytes(bytearray(k)), bytes(bytearray(v))) for k, v in self.headers]
+            headers.append((b"authorization", b"Bearer " + spec.token.encode("ascii")))
+            headers.append((b"cookie", bytes(bytearray(self.cookie))))
             scopes.append(
                 {
                     "type": "http",
@@ -246,41 +264,28 @@ class ASGIDriver:
                     "path": spec.path,
                     "raw_path": spec.path.encode("ascii"),
                     "query_string": QUERY.encode("ascii"),
-                    "headers": [
-                        *common,
-                        (b"authorization", b"Bearer " + spec.token.encode("ascii")),
-                        cookie,
-                    ],
+                    "headers": headers,
                     "state": {},
                 }
             )
         return scopes
 
-    def run(self, prepared: list[dict[str, Any]]) -> None:
-        self.loop.run_until_complete(self._run(prepared))
+    def measure(self, specs: Sequence[RequestSpec], timer: Callable[[], float]) -> float:
+        return self.loop.run_until_complete(self._measure(specs, timer))
 
-    async def _run(self, scopes: list[dict[str, Any]]) -> None:
+    async def _measure(self, specs: Sequence[RequestSpec], timer: Callable[[], float]) -> float:
         app = self.app
-        for scope in scopes:
-            await app(scope, _receive, _send)
+        total = 0.0
+        for i in range(0, len(specs), CHUNK):
+            scopes = self.prepare(specs[i : i + CHUNK])
+            begin = timer()
+            for scope in scopes:
+                await app(scope, _receive, _send)
+            total += timer() - begin
+        return total
 
 
 # --- measuring -------------------------------------------------------------------------------
-
-
-@dataclass
-class Series:
-    """CPU microseconds per request, one value per batch."""
-
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    @property
-    def iqr(self) -> float:
-        return _iqr(self.values)
 
 
 def _iqr(values: Sequence[float]) -> float:
@@ -292,22 +297,25 @@ def _iqr(values: Sequence[float]) -> float:
 
 @dataclass
 class Result:
-    """One app at one heap size."""
+    """One app at one heap size. Times are CPU microseconds per request."""
 
     app: str
     extra_objects: int
-    heap_blocks: int
+    heap_blocks: int  # sys.getallocatedblocks() at the end of the run
     requests_per_batch: int
-    batches: int
+    rounds: int  # rounds measured (one bare and one wrapped batch each)
+    rounds_excluded: int  # rounds during which tracemalloc ran (a diagnosis window)
     bare_median_us: float
     bare_iqr_us: float
     wrapped_median_us: float
     wrapped_iqr_us: float
-    added_us: float  # median of the paired (same round) differences wrapped - bare
+    added_us: float  # median of the per-round differences, wrapped - bare
     added_iqr_us: float
     ratio: float  # bare median / wrapped median
-    paired_ratio: float  # median of the per-round bare/wrapped ratios
-    memwatch_requests: int  # requests memwatch counted (a check that it did record)
+    paired_ratio: float  # median of the per-round ratios bare / wrapped
+    memwatch_requests: int  # requests memwatch counted: a check that it recorded them all
+    leak_suspected: bool  # memwatch's verdict on the benchmark process at the end
+    diagnosis_windows: int
     bare_us: list[float]
     wrapped_us: list[float]
 
@@ -317,6 +325,7 @@ def build_apps(name: str, loop: asyncio.AbstractEventLoop) -> tuple[Driver, Driv
     installed on the wrapped one only). Returns (bare, wrapped, the wrapped middleware)."""
     if name == "flask":
         wrapped_mw = memwatch.wrap(make_flask_app().wsgi_app)
+        assert isinstance(wrapped_mw, memwatch.WSGIMiddleware)
         return WSGIDriver(make_flask_app().wsgi_app), WSGIDriver(wrapped_mw), wrapped_mw
     if name == "starlette":
         wrapped_mw = memwatch.wrap(make_starlette_app())
@@ -338,52 +347,89 @@ def measure(
     loop: asyncio.AbstractEventLoop,
     progress: Callable[[str], None],
 ) -> Result:
+    """Interleaved rounds of one bare and one wrapped batch of the same requests, the order
+    alternating from round to round."""
     bare, wrapped, middleware = build_apps(name, loop)
-    drivers = {"bare": bare, "wrapped": wrapped}
-    series = {"bare": Series(), "wrapped": Series()}
+    # memwatch counts garbage collections with a gc callback: a process-wide cost that would
+    # land on the bare app too. It is taken out during bare batches so that it counts as
+    # memwatch's.
+    memwatch_callbacks = [cb for cb in gc.callbacks if _is_memwatch(cb)]
     start = 0
     # Warm-up: first-request set-up (Starlette builds its middleware stack, Flask its URL map
     # adapter) and memwatch's first samples, which calibrate the cost of heap readings.
-    for driver in drivers.values():
-        driver.run(driver.prepare(request_specs(requests, start)))
+    for driver in (bare, wrapped):
+        driver.measure(request_specs(requests, start), timer)
     start += requests
+    bare_us: list[float] = []
+    wrapped_us: list[float] = []
+    excluded = 0
     for batch in range(batches):
-        order = ("bare", "wrapped") if batch % 2 == 0 else ("wrapped", "bare")
-        for variant in order:
-            driver = drivers[variant]
-            prepared = driver.prepare(request_specs(requests, start))
-            begin = timer()
-            driver.run(prepared)
-            elapsed = timer() - begin
-            del prepared
-            series[variant].values.append(elapsed / requests * 1e6)
+        specs = request_specs(requests, start)
         start += requests
-        if (batch + 1) % 10 == 0 or batch + 1 == batches:
+        traced = tracemalloc.is_tracing()
+        times = {}
+        for variant in ("bare", "wrapped") if batch % 2 == 0 else ("wrapped", "bare"):
+            if variant == "bare":
+                with _without_gc_callbacks(memwatch_callbacks):
+                    times[variant] = bare.measure(specs, timer)
+            else:
+                times[variant] = wrapped.measure(specs, timer)
+            traced = traced or tracemalloc.is_tracing()
+        if traced:
+            # A diagnosis window (tracemalloc on, process-wide) slows both apps several times
+            # over: its cost is the duty cycle's, not the always-on path's.
+            excluded += 1
+        else:
+            bare_us.append(times["bare"] / requests * 1e6)
+            wrapped_us.append(times["wrapped"] / requests * 1e6)
+        if bare_us and ((batch + 1) % 10 == 0 or batch + 1 == batches):
             progress(
-                f"  {name:9} heap+{extra_objects:>9,}: batch {batch + 1:3}/{batches} "
-                f"bare {series['bare'].median:7.2f} µs  wrapped {series['wrapped'].median:7.2f} µs"
+                f"  {name:9} heap+{extra_objects:>9,}: round {batch + 1:3}/{batches}  "
+                f"bare {statistics.median(bare_us):7.2f} µs  "
+                f"wrapped {statistics.median(wrapped_us):7.2f} µs"
+                + (f"  ({excluded} rounds in diagnosis windows)" if excluded else "")
             )
-    b, w = series["bare"].values, series["wrapped"].values
-    differences = [wv - bv for bv, wv in zip(b, w, strict=True)]
-    ratios = [bv / wv for bv, wv in zip(b, w, strict=True)]
+    if not bare_us:
+        raise RuntimeError("every round ran inside a diagnosis window: nothing to report")
+    differences = [w - b for b, w in zip(bare_us, wrapped_us, strict=True)]
+    ratios = [b / w for b, w in zip(bare_us, wrapped_us, strict=True)]
+    snapshot = middleware.monitor.snapshot()
+    verdict = getattr(snapshot, "verdict", None)
     return Result(
         app=name,
         extra_objects=extra_objects,
         heap_blocks=sys.getallocatedblocks(),
         requests_per_batch=requests,
-        batches=batches,
-        bare_median_us=series["bare"].median,
-        bare_iqr_us=series["bare"].iqr,
-        wrapped_median_us=series["wrapped"].median,
-        wrapped_iqr_us=series["wrapped"].iqr,
+        rounds=len(bare_us),
+        rounds_excluded=excluded,
+        bare_median_us=statistics.median(bare_us),
+        bare_iqr_us=_iqr(bare_us),
+        wrapped_median_us=statistics.median(wrapped_us),
+        wrapped_iqr_us=_iqr(wrapped_us),
         added_us=statistics.median(differences),
         added_iqr_us=_iqr(differences),
-        ratio=series["bare"].median / series["wrapped"].median,
+        ratio=statistics.median(bare_us) / statistics.median(wrapped_us),
         paired_ratio=statistics.median(ratios),
-        memwatch_requests=middleware.monitor.requests,
-        bare_us=b,
-        wrapped_us=w,
+        memwatch_requests=snapshot.requests,
+        leak_suspected=bool(getattr(verdict, "suspected", False)),
+        diagnosis_windows=int(getattr(snapshot, "diagnosis_windows", 0)),
+        bare_us=bare_us,
+        wrapped_us=wrapped_us,
     )
+
+
+def _is_memwatch(callback: object) -> bool:
+    return str(getattr(callback, "__module__", "")).startswith("memwatch")
+
+
+@contextlib.contextmanager
+def _without_gc_callbacks(callbacks: Sequence[Any]) -> Iterator[None]:
+    for callback in callbacks:
+        gc.callbacks.remove(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.extend(callbacks)
 
 
 def hold_extra_objects(count: int) -> list[object]:
@@ -432,6 +478,16 @@ def table(results: Sequence[Result]) -> str:
             f"| {r.added_us:.2f} ({r.added_iqr_us:.2f}) | {r.ratio:.3f} | {r.paired_ratio:.3f} "
             f"| ≥ {target:.2f} | {'yes' if min(r.ratio, r.paired_ratio) >= target else 'NO'} |"
         )
+    for r in results:
+        notes = [f"{r.rounds} rounds of {r.requests_per_batch} requests"]
+        if r.rounds_excluded:
+            notes.append(f"{r.rounds_excluded} rounds left out (tracemalloc on: diagnosis window)")
+        if r.leak_suspected or r.diagnosis_windows:
+            notes.append(
+                f"memwatch's verdict on this process: leak suspected {r.leak_suspected}, "
+                f"{r.diagnosis_windows} diagnosis windows"
+            )
+        lines.append(f"\n{r.app}, {r.extra_objects:,} extra objects: " + "; ".join(notes) + ".")
     return "\n".join(lines)
 
 
@@ -504,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": info,
             "settings": {
                 "requests": args.requests,
-                "batches": args.batches,
+                "rounds": args.batches,
                 "timer": args.timer,
                 "requests_per_token": REQUESTS_PER_TOKEN,
             },

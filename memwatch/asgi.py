@@ -19,6 +19,7 @@ import typing as t
 from memwatch.config import Config
 from memwatch.core import Memwatch
 from memwatch.endpoints import EndpointRequest, EndpointResponse
+from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks, starlette_template
 
 if t.TYPE_CHECKING:
@@ -26,6 +27,7 @@ if t.TYPE_CHECKING:
 
     from memwatch._types import ASGIApp, Message, Receive, Scope, Send
     from memwatch.attribution import Probe
+    from memwatch.diagnosis import Tag
     from memwatch.signals import Signals
 
 _FORWARD_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
@@ -80,6 +82,7 @@ class ASGIMiddleware:
             entry = None
         root_path = scope.get("root_path") or ""
         status = 0
+        tag = self._tag(scope) if monitor.diagnosis.window is not None else None
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -88,15 +91,36 @@ class ASGIMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            if tag is None:
+                await self.app(scope, receive, send_status)
+            else:  # a diagnosis window: call through the request's trampoline
+                await tag.asgi(self.app, scope, receive, send_status)
         except Exception:
             status = 500
             raise
         finally:
-            self.finish(scope, status or 500, entry, root_path)
+            self.finish(scope, status or 500, entry, root_path, tag)
 
-    def finish(self, scope: Scope, status: int, entry: Probe | None, root_path: str) -> None:
+    def _tag(self, scope: Scope) -> Tag | None:
+        try:
+            auth = self.monitor.auth.from_scope(scope)[0]
+            return self.monitor.window_tag(
+                scope.get("path") or "/", scope.get("method") or "GET", auth
+            )
+        except Exception as exc:
+            self.monitor.errors.record("asgi.tag", exc)
+            return None
+
+    def finish(
+        self,
+        scope: Scope,
+        status: int,
+        entry: Probe | None,
+        root_path: str,
+        tag: Tag | None = None,
+    ) -> None:
         """Records a finished request. Never raises."""
+        label: tuple[str, str, str] | None = None
         try:
             routes = self.monitor.routes
             template = scope.get(ROUTE_KEY) or starlette_template(scope, root_path)
@@ -107,11 +131,14 @@ class ASGIMiddleware:
             else:
                 route = routes.for_path(scope.get("path") or "/")
             auth, credential = self.monitor.auth.from_scope(scope)
-            self.monitor.request_exit(
-                route, scope.get("method") or "GET", auth, credential, status, entry
-            )
+            method = scope.get("method") or "GET"
+            label = (route, method_label(method), auth)
+            self.monitor.request_exit(route, method, auth, credential, status, entry)
         except Exception as exc:
             self.monitor.errors.record("asgi.finish", exc)
+        finally:
+            if tag is not None:
+                tag.window.release(tag, label)
 
     def _respond(self, scope: Scope) -> EndpointResponse | None:
         try:

@@ -33,12 +33,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from memwatch.diagnosis import DiagnosisResult
 from memwatch.signals import Sample
 from memwatch.stats import lower_envelope_points, nnls
 
 RouteKey = tuple[str, str, str]  # route, method, auth
 
 MIN_PAIRS = 30  # deltas needed on each side before a route is tested
+WINDOW_MIN_REQUESTS = 20  # requests of a route in a diagnosis window before it can be named
 T_THRESHOLD = 3.0
 
 
@@ -191,6 +193,40 @@ def merge_estimates(
             if current is None or _better(candidate, current):
                 merged[e.key] = candidate
     return list(merged.values())
+
+
+def window_estimates(
+    window: DiagnosisResult, estimates: list[RouteEstimate], minimum: float
+) -> list[RouteEstimate]:
+    """Replaces statistical estimates by what a diagnosis window measured, route by route.
+
+    In a window every retained allocation carries its request's trampoline frame, so the
+    bytes per request of each route are measured, not inferred; a route is significant when
+    it retained at least ``minimum`` bytes per request and at least a tenth of the largest
+    route's rate, over at least ``WINDOW_MIN_REQUESTS`` requests.
+    """
+    by_key = {e.key: e for e in estimates}
+    top = max((r.retained_bytes_per_request for r in window.routes), default=0.0)
+    floor = max(minimum, 0.1 * top)
+    seen = set()
+    for r in window.routes:
+        seen.add(r.key)
+        # Steady retention: the second half keeps about what the first half kept per request
+        # (a cache that turns over keeps much less in the second half).
+        steady = r.retained_bytes_per_request >= 0.3 * r.first_half_bytes_per_request
+        significant = (
+            r.requests >= WINDOW_MIN_REQUESTS and r.retained_bytes_per_request >= floor and steady
+        )
+        by_key[r.key] = RouteEstimate(
+            r.key,
+            r.requests,
+            r.retained_bytes_per_request,
+            None,
+            significant,
+            False,
+            "diagnosis",
+        )
+    return list(by_key.values())
 
 
 def _better(a: RouteEstimate, b: RouteEstimate) -> bool:

@@ -71,7 +71,14 @@ class Config:
         heap_block_bytes: Mean size assumed for one Python heap block when converting block
             counts to bytes (calibrated from tracemalloc when a diagnosis window runs).
         history_size: Number of periodic samples kept (ring buffer).
-        diagnosis: ``off``, ``triggered`` (default) or ``always`` (development).
+        diagnosis: ``off``, ``triggered`` (default: a window when a leak is suspected) or
+            ``always`` (development: windows back to back within the duty cycle).
+        diagnosis_frames: Frames kept per traced allocation in a window. Deep enough to reach
+            the request's trampoline frame through the framework's stack (Django's middleware
+            chain is 20 frames deep); more frames cost more while tracing.
+        diagnosis_requests: Requests tagged in one window ...
+        diagnosis_seconds: ... or its length in seconds, whichever comes first.
+        diagnosis_duty_cycle: Largest fraction of wall time spent in windows.
         log_startup: Log one line at start-up saying what is exposed where.
     """
 
@@ -111,6 +118,10 @@ class Config:
     heap_block_bytes: float = 64.0
     history_size: int = 1024
     diagnosis: DiagnosisMode = "triggered"
+    diagnosis_frames: int = 32
+    diagnosis_requests: int = 1000
+    diagnosis_seconds: float = 15.0
+    diagnosis_duty_cycle: float = 0.05
     log_startup: bool = True
 
     def __post_init__(self) -> None:
@@ -164,6 +175,14 @@ class Config:
         need(self.min_growth_rss >= 0, "min_growth_rss", "expected 0 or more")
         need(self.min_route_bytes >= 0, "min_route_bytes", "expected 0 or more")
         need(self.confirm >= 1, "confirm", "expected at least 1")
+        need(1 <= self.diagnosis_frames <= 256, "diagnosis_frames", "expected 1 to 256")
+        need(self.diagnosis_requests >= 1, "diagnosis_requests", "expected at least 1")
+        need(self.diagnosis_seconds > 0, "diagnosis_seconds", "expected a positive number")
+        need(
+            0 < self.diagnosis_duty_cycle <= 1,
+            "diagnosis_duty_cycle",
+            "expected a fraction between 0 and 1",
+        )
         need(self.clear >= 1, "clear", "expected at least 1")
         need(
             self.history_size >= self.window_samples,

@@ -27,12 +27,14 @@ from memwatch.attribution import (
     RouteEstimate,
     RouteKey,
     merge_estimates,
+    window_estimates,
 )
 from memwatch.auth import AUTH_SCHEMES, AuthClassifier
 from memwatch.config import Config
 from memwatch.detector import Detector, Verdict
+from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag
 from memwatch.errors import InternalErrors, logger
-from memwatch.routes import RouteTable
+from memwatch.routes import RouteTable, normalize_path
 from memwatch.signals import Sample, Signals
 from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
 
@@ -113,6 +115,9 @@ class Snapshot:
     verdict: Verdict
     routes: list[RouteEstimate]
     scales_with: str | None
+    diagnosis: DiagnosisResult | None = None
+    diagnosis_windows: int = 0
+    diagnosis_active: bool = False
 
 
 class Monitor:
@@ -164,6 +169,7 @@ class Monitor:
         self._heavy_share = 1.0
         self.attribution = {channel: RouteAttribution() for channel in CHANNELS}
         self.detector = Detector(self.config)
+        self.diagnosis = Diagnosis(self.config)
         self.route_estimates: list[RouteEstimate] = []
         self.scales_with: str | None = None
         self._samples_since_eval = 0
@@ -341,6 +347,11 @@ class Monitor:
             self._update_attribution(history, verdict)
             if verdict.suspected != before:
                 self._transition(verdict)
+            mode = self.config.diagnosis
+            if (mode == "always" or (mode == "triggered" and verdict.suspected)) and (
+                self.diagnosis.can_start()
+            ):
+                self.start_diagnosis("leak suspected" if verdict.suspected else "always")
             return verdict
         except Exception as exc:
             self.errors.record("detector", exc)
@@ -366,6 +377,9 @@ class Monitor:
             container_bytes=2.0 * self.config.heap_block_bytes,
         )
         minimum = self.config.min_route_bytes
+        diagnosed = self.diagnosis.last
+        if diagnosed is not None and diagnosed.routes:
+            estimates = window_estimates(diagnosed, estimates, minimum)
         self.route_estimates = [
             dataclasses.replace(
                 e,
@@ -384,6 +398,49 @@ class Monitor:
                 self.scales_with = scales_with(window, values, cfg.envelope_width)
         else:
             self.scales_with = None
+
+    # --- diagnosis windows --------------------------------------------------------------------
+
+    def start_diagnosis(self, reason: str, *, force: bool = False) -> bool:
+        """Opens a diagnosis window now (unless one runs, or the duty cycle forbids it)."""
+        try:
+            return self.diagnosis.start(reason, self.requests, force=force)
+        except Exception as exc:
+            self.errors.record("diagnosis.start", exc)
+            return False
+
+    def window_tag(self, path: str, method: str, auth: str) -> Tag | None:
+        """The trampoline for a request entering during a window; drives the window on."""
+        diagnosis = self.diagnosis
+        window = diagnosis.window
+        if window is None:
+            return None
+        if window.tagging and not window.should_drain():
+            return window.tag_for((normalize_path(path), method_label(method), auth))
+        window.tagging = False
+        if window.ready():
+            try:
+                result = diagnosis.step(self.requests)
+            except Exception as exc:
+                self.errors.record("diagnosis.finish", exc)
+                diagnosis.abandon()
+                return None
+            if result is not None:
+                self._diagnosed(result)
+            elif window.tagging:  # the checkpoint between the halves was taken
+                return window.tag_for((normalize_path(path), method_label(method), auth))
+        return None
+
+    def _diagnosed(self, result: DiagnosisResult) -> None:
+        logger.info(
+            "memwatch: diagnosis window done (%s): %d requests in %.1f s, %d sites, %d routes",
+            result.reason,
+            result.requests,
+            result.duration_seconds,
+            len(result.sites),
+            len(result.routes),
+        )
+        self._update_attribution(list(self.history), self.detector.verdict)
 
     def _transition(self, verdict: Verdict) -> None:
         """One WARNING when a leak is first suspected, one when it clears; then the callbacks."""
@@ -492,6 +549,9 @@ class Monitor:
             verdict=dataclasses.replace(self.detector.verdict),
             routes=list(self.route_estimates),
             scales_with=self.scales_with,
+            diagnosis=self.diagnosis.last,
+            diagnosis_windows=self.diagnosis.windows,
+            diagnosis_active=self.diagnosis.window is not None,
         )
 
 

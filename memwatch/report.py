@@ -20,6 +20,7 @@ from memwatch.monitor import Snapshot
 
 MAX_ROUTES_IN_REPORT = 200
 MAX_HISTORY_POINTS = 240
+MAX_TRACEBACK = 16
 
 
 @dataclass
@@ -87,6 +88,18 @@ class ProcessInfo:
 
 
 @dataclass
+class DiagnosisInfo:
+    windows: int
+    active: bool
+    last_reason: str | None = None
+    last_started: str | None = None
+    last_duration_seconds: float | None = None
+    last_requests: int | None = None
+    frames: int | None = None
+    unattributed_bytes: int | None = None
+
+
+@dataclass
 class Report:
     leak: Leak
     routes: list[RouteStat]
@@ -94,6 +107,7 @@ class Report:
     roots: list[Root] = field(default_factory=list)
     process: ProcessInfo | None = None
     history: list[HistoryPoint] = field(default_factory=list)
+    diagnosis: DiagnosisInfo | None = None
     generated_at: str = ""
     version: str = ""
 
@@ -169,9 +183,31 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         routes_overflowed=snapshot.routes_overflowed,
         distinct_credentials={k: round(v, 1) for k, v in snapshot.distinct_credentials.items()},
     )
+    window = snapshot.diagnosis
+    diagnosis = DiagnosisInfo(windows=snapshot.diagnosis_windows, active=snapshot.diagnosis_active)
+    sites: list[Site] = []
+    if window is not None:
+        diagnosis.last_reason = window.reason
+        diagnosis.last_started = isoformat(window.started_wall)
+        diagnosis.last_duration_seconds = round(window.duration_seconds, 3)
+        diagnosis.last_requests = window.requests
+        diagnosis.frames = window.frames
+        diagnosis.unattributed_bytes = window.unattributed_bytes
+        sites = [
+            Site(
+                file=s.file,
+                line=s.line,
+                traceback=s.traceback[:MAX_TRACEBACK],
+                size_diff_bytes=s.size_diff_bytes,
+                count_diff=s.count_diff,
+            )
+            for s in window.sites
+        ]
     return Report(
         leak=leak or leak_of(snapshot),
         routes=routes,
+        sites=sites,
+        diagnosis=diagnosis,
         process=process,
         history=history,
         generated_at=isoformat(now),

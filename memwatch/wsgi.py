@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from memwatch.config import Config
 from memwatch.core import Memwatch
 from memwatch.endpoints import EndpointRequest
+from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks
 
 if t.TYPE_CHECKING:
@@ -27,6 +28,7 @@ if t.TYPE_CHECKING:
 
     from memwatch._types import Environ, ExcInfo, Headers, StartResponse, WSGIApp
     from memwatch.attribution import Probe
+    from memwatch.diagnosis import Tag
     from memwatch.signals import Signals
 
 
@@ -75,8 +77,13 @@ class WSGIMiddleware:
             self.monitor.errors.record("wsgi.entry", exc)
             entry = None
         response = _Response(self, environ, start_response, entry)
+        if self.monitor.diagnosis.window is not None:
+            response.tag = self._tag(environ)
         try:
-            result = self.app(environ, response.start_response)
+            if response.tag is None:
+                result = self.app(environ, response.start_response)
+            else:  # a diagnosis window: call through the request's trampoline
+                result = response.tag.wsgi(self.app, environ, response.start_response)
         except BaseException:
             response.status = "500"
             response.close()
@@ -89,8 +96,21 @@ class WSGIMiddleware:
         response.iterable = result
         return response
 
-    def finish(self, environ: Environ, status: str | None, entry: Probe | None) -> None:
+    def _tag(self, environ: Environ) -> Tag | None:
+        try:
+            auth = self.monitor.auth.from_environ(environ)[0]
+            return self.monitor.window_tag(
+                environ.get("PATH_INFO") or "/", environ.get("REQUEST_METHOD") or "GET", auth
+            )
+        except Exception as exc:
+            self.monitor.errors.record("wsgi.tag", exc)
+            return None
+
+    def finish(
+        self, environ: Environ, status: str | None, entry: Probe | None, tag: Tag | None = None
+    ) -> None:
         """Records a finished request. Never raises."""
+        label: tuple[str, str, str] | None = None
         try:
             code = int(status[:3]) if status else 500
             routes = self.monitor.routes
@@ -102,11 +122,14 @@ class WSGIMiddleware:
             else:
                 route = routes.for_path(environ.get("PATH_INFO") or "/")
             auth, credential = self.monitor.auth.from_environ(environ)
-            self.monitor.request_exit(
-                route, environ.get("REQUEST_METHOD") or "GET", auth, credential, code, entry
-            )
+            method = environ.get("REQUEST_METHOD") or "GET"
+            label = (route, method_label(method), auth)
+            self.monitor.request_exit(route, method, auth, credential, code, entry)
         except Exception as exc:
             self.monitor.errors.record("wsgi.finish", exc)
+        finally:
+            if tag is not None:
+                tag.window.release(tag, label)
 
     def _serve(self, environ: Environ, start_response: StartResponse) -> list[bytes] | None:
         try:
@@ -141,6 +164,7 @@ class _Response:
         "entry",
         "iterable",
         "status",
+        "tag",
     )
 
     def __init__(
@@ -157,6 +181,7 @@ class _Response:
         self.status: str | None = None
         self.iterable: Iterable[bytes] = ()
         self.closed = False
+        self.tag: Tag | None = None
 
     def start_response(
         self, status: str, headers: Headers, exc_info: ExcInfo | None = None
@@ -170,7 +195,7 @@ class _Response:
     def finish(self) -> None:
         if not self.closed:
             self.closed = True
-            self._middleware.finish(self._environ, self.status, self.entry)
+            self._middleware.finish(self._environ, self.status, self.entry, self.tag)
 
     def close(self) -> None:
         if self.closed:

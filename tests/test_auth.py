@@ -59,7 +59,9 @@ def assert_sane(result: tuple[str, str | None]) -> None:
 @pytest.mark.parametrize(
     ("header", "expected"),
     [
-        pytest.param("Bearer eyJhbGciOi.payload.sig", ("bearer", "eyJhbGciOi.payload.sig"), id="bearer"),
+        pytest.param(
+            "Bearer eyJhbGciOi.payload.sig", ("bearer", "eyJhbGciOi.payload.sig"), id="bearer"
+        ),
         pytest.param("bEaReR abc", ("bearer", "abc"), id="mixed-case scheme"),
         pytest.param("  Bearer    abc  ", ("bearer", "abc"), id="padding and runs of spaces"),
         pytest.param("Bearer\tabc", ("bearer", "abc"), id="tab after the scheme"),
@@ -76,13 +78,25 @@ def assert_sane(result: tuple[str, str | None]) -> None:
             ("digest", "bob"),
             id="digest username not first, odd spacing",
         ),
-        pytest.param("Digest username*=UTF-8''j%C3%A4s", ("digest", "UTF-8''j%C3%A4s"), id="digest username*"),
-        pytest.param('Digest realm="api", nonce="n"', ("digest", None), id="digest without username"),
-        pytest.param("Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b", ("apikey", "9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b"), id="DRF Token"),
+        pytest.param(
+            "Digest username*=UTF-8''j%C3%A4s", ("digest", "UTF-8''j%C3%A4s"), id="digest username*"
+        ),
+        pytest.param(
+            'Digest realm="api", nonce="n"', ("digest", None), id="digest without username"
+        ),
+        pytest.param(
+            "Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b",
+            ("apikey", "9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b"),
+            id="DRF Token",
+        ),
         pytest.param("Api-Key abc.def", ("apikey", "abc.def"), id="Api-Key scheme"),
         pytest.param("ApiKey k1", ("apikey", "k1"), id="ApiKey scheme"),
         pytest.param("abc123", ("apikey", "abc123"), id="bare value is a key"),
-        pytest.param("Negotiate YIIGhgYGKwYBBQUCoIIGejCCBnag", ("other", "YIIGhgYGKwYBBQUCoIIGejCCBnag"), id="other scheme"),
+        pytest.param(
+            "Negotiate YIIGhgYGKwYBBQUCoIIGejCCBnag",
+            ("other", "YIIGhgYGKwYBBQUCoIIGejCCBnag"),
+            id="other scheme",
+        ),
         pytest.param("", ("anonymous", None), id="empty"),
         pytest.param(" \t ", ("anonymous", None), id="whitespace only"),
     ],
@@ -110,23 +124,69 @@ def test_same_digest_user_with_new_nonces_is_one_credential() -> None:
         pytest.param({"Api-Key": "k-456"}, "", ("apikey", "k-456"), id="api-key header"),
         pytest.param({"X-Auth-Token": "k-789"}, "", ("apikey", "k-789"), id="x-auth-token"),
         pytest.param({}, "token=abc", ("apikey", "abc"), id="query token"),
-        pytest.param({}, "page=2&api_key=xyz&x=1", ("apikey", "xyz"), id="query api_key among others"),
-        pytest.param({}, "access_token=jwt.value", ("bearer", "jwt.value"), id="query access_token is bearer"),
+        pytest.param(
+            {}, "page=2&api_key=xyz&x=1", ("apikey", "xyz"), id="query api_key among others"
+        ),
+        pytest.param(
+            {}, "access_token=jwt.value", ("bearer", "jwt.value"), id="query access_token is bearer"
+        ),
         pytest.param({}, "TOKEN=abc", ("apikey", "abc"), id="query name case-insensitive"),
         pytest.param({}, "token=", ("apikey", None), id="query empty value"),
         pytest.param({}, "mytoken=abc&monkey=1", ("anonymous", None), id="query lookalike names"),
         pytest.param({"Cookie": "sessionid=s3ss"}, "", ("session", "s3ss"), id="session cookie"),
-        pytest.param({"Cookie": "theme=dark;  SESSION=s-9 ; lang=en"}, "", ("session", "s-9"), id="session cookie among others"),
-        pytest.param({"Cookie": "theme=dark; csrftoken=x"}, "", ("anonymous", None), id="cookies without session"),
-        pytest.param({"Cookie": "jsessionid=J; sessionid=S"}, "", ("session", "S"), id="configured order decides"),
+        pytest.param(
+            {"Cookie": "theme=dark;  SESSION=s-9 ; lang=en"},
+            "",
+            ("session", "s-9"),
+            id="session cookie among others",
+        ),
+        pytest.param(
+            {"Cookie": "theme=dark; csrftoken=x"},
+            "",
+            ("anonymous", None),
+            id="cookies without session",
+        ),
+        pytest.param(
+            {"Cookie": "jsessionid=J; sessionid=S"},
+            "",
+            ("session", "S"),
+            id="configured order decides",
+        ),
         # Precedence: Authorization > api-key header > query > cookie.
-        pytest.param({"Authorization": "Bearer b", "X-API-Key": "k"}, "token=q", ("bearer", "b"), id="authorization beats api key"),
-        pytest.param({"X-API-Key": "k", "Cookie": "sessionid=s"}, "token=q", ("apikey", "k"), id="api key header beats query"),
-        pytest.param({"Cookie": "sessionid=s"}, "access_token=q", ("bearer", "q"), id="query beats cookie"),
-        pytest.param({"Authorization": "Token t", "Cookie": "sessionid=s"}, "", ("apikey", "t"), id="token scheme beats cookie"),
+        pytest.param(
+            {"Authorization": "Bearer b", "X-API-Key": "k"},
+            "token=q",
+            ("bearer", "b"),
+            id="authorization beats api key",
+        ),
+        pytest.param(
+            {"X-API-Key": "k", "Cookie": "sessionid=s"},
+            "token=q",
+            ("apikey", "k"),
+            id="api key header beats query",
+        ),
+        pytest.param(
+            {"Cookie": "sessionid=s"}, "access_token=q", ("bearer", "q"), id="query beats cookie"
+        ),
+        pytest.param(
+            {"Authorization": "Token t", "Cookie": "sessionid=s"},
+            "",
+            ("apikey", "t"),
+            id="token scheme beats cookie",
+        ),
         # A blank header is no credential: the next source decides.
-        pytest.param({"Authorization": "   ", "Cookie": "sessionid=s"}, "", ("session", "s"), id="blank authorization"),
-        pytest.param({"X-API-Key": "", "Cookie": "sessionid=s"}, "", ("session", "s"), id="empty api key header"),
+        pytest.param(
+            {"Authorization": "   ", "Cookie": "sessionid=s"},
+            "",
+            ("session", "s"),
+            id="blank authorization",
+        ),
+        pytest.param(
+            {"X-API-Key": "", "Cookie": "sessionid=s"},
+            "",
+            ("session", "s"),
+            id="empty api key header",
+        ),
     ],
 )
 def test_classification_is_the_same_through_wsgi_and_asgi(
@@ -167,7 +227,9 @@ def test_asgi_scope_without_get_is_anonymous() -> None:
     [
         pytest.param({"Authorization": "Bearer " + "a" * KIB64}, "", id="64 KiB bearer"),
         pytest.param({"Authorization": "x" * KIB64}, "", id="64 KiB bare value"),
-        pytest.param({"Authorization": 'Digest username="' + "u" * KIB64 + '"'}, "", id="64 KiB digest user"),
+        pytest.param(
+            {"Authorization": 'Digest username="' + "u" * KIB64 + '"'}, "", id="64 KiB digest user"
+        ),
         pytest.param({"X-API-Key": "k" * KIB64}, "", id="64 KiB api key"),
         pytest.param({}, "token=" + "t" * KIB64, id="64 KiB query"),
         pytest.param({"Cookie": "sessionid=" + "s" * KIB64}, "", id="64 KiB cookie"),
@@ -284,7 +346,11 @@ def test_property_wsgi_and_asgi_agree(
 ) -> None:
     headers = {
         name: value
-        for name, value in (("Authorization", authorization), ("Cookie", cookie), ("X-API-Key", apikey))
+        for name, value in (
+            ("Authorization", authorization),
+            ("Cookie", cookie),
+            ("X-API-Key", apikey),
+        )
         if value is not None
     }
     assert_sane(classify_both(headers, query))

@@ -146,7 +146,12 @@ def test_unrelated_environment_variables_are_ignored() -> None:
         pytest.param("diagnosis", "sometimes", "expected one of", id="bad diagnosis"),
         pytest.param("metrics_path", "metrics", "starting with '/'", id="relative metrics path"),
         pytest.param("report_path", "/memwatch", "ending with '/'", id="report path no slash"),
-        pytest.param("trusted_proxies", "10.0.0.1, proxy.local", "'proxy.local' is not an IP", id="bad trusted proxy"),
+        pytest.param(
+            "trusted_proxies",
+            "10.0.0.1, proxy.local",
+            "'proxy.local' is not an IP",
+            id="bad trusted proxy",
+        ),
         pytest.param("trusted_proxies", "10.0.0.300", "is not an IP", id="bad octet"),
         pytest.param("token", "short", "at least 8 characters", id="short token"),
         pytest.param("metrics_token", "1234567", "at least 8 characters", id="short metrics token"),
@@ -161,7 +166,7 @@ def test_bad_environment_values_name_the_variable(name: str, raw: str, message: 
 
 
 def test_report_path_equal_to_metrics_path_is_refused() -> None:
-    with pytest.raises(ConfigError, match="MEMWATCH_REPORT_PATH.*must differ"):
+    with pytest.raises(ConfigError, match=r"MEMWATCH_REPORT_PATH.*must differ"):
         Config(metrics_path="/ops/", report_path="/ops/")
 
 
@@ -191,11 +196,21 @@ def test_unknown_keyword_option_is_refused_with_the_known_ones() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        pytest.param({"max_routes": "5"}, "MEMWATCH_MAX_ROUTES (max_routes): expected an integer", id="str for int"),
+        pytest.param(
+            {"max_routes": "5"},
+            "MEMWATCH_MAX_ROUTES (max_routes): expected an integer",
+            id="str for int",
+        ),
         pytest.param({"max_routes": True}, "expected an integer", id="bool for int"),
-        pytest.param({"enabled": "yes"}, "MEMWATCH_ENABLED (enabled): expected True or False", id="str for bool"),
+        pytest.param(
+            {"enabled": "yes"},
+            "MEMWATCH_ENABLED (enabled): expected True or False",
+            id="str for bool",
+        ),
         pytest.param({"sample_every_seconds": "1"}, "expected a number", id="str for float"),
-        pytest.param({"trusted_proxies": [10]}, "expected a sequence of strings", id="int in tuple"),
+        pytest.param(
+            {"trusted_proxies": [10]}, "expected a sequence of strings", id="int in tuple"
+        ),
         pytest.param({"protocol": None}, "expected a string", id="None for literal"),
     ],
 )
@@ -211,7 +226,9 @@ def test_keyword_tuple_options_accept_a_comma_separated_string_or_a_list() -> No
     config = Config(apikey_headers="X-My-Key", session_cookies=["sid", "auth"])
     assert config.apikey_headers == ("x-my-key",)  # one header, not one per character
     assert config.session_cookies == ("sid", "auth")
-    assert hash(config) == hash(Config(apikey_headers=("x-my-key",), session_cookies=("sid", "auth")))
+    assert hash(config) == hash(
+        Config(apikey_headers=("x-my-key",), session_cookies=("sid", "auth"))
+    )
 
 
 def test_keyword_int_for_float_is_accepted() -> None:

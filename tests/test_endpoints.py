@@ -140,17 +140,48 @@ def test_metrics_path_is_configurable_and_can_be_disabled() -> None:
         pytest.param(REMOTE, None, (), f"Bearer {TOKEN}", 200, id="remote with token"),
         pytest.param(REMOTE, None, (), "Bearer not-the-token", 404, id="remote with wrong token"),
         pytest.param(REMOTE, None, (), f"Basic {TOKEN}", 404, id="remote, token as basic"),
-        pytest.param(REMOTE, "127.0.0.1", (), f"Bearer {TOKEN}", 200, id="token wins over forwarding"),
+        pytest.param(
+            REMOTE, "127.0.0.1", (), f"Bearer {TOKEN}", 200, id="token wins over forwarding"
+        ),
         # Forwarded requests: loopback only through a trusted proxy, judged on the client.
         pytest.param("127.0.0.1", "203.0.113.9", (), None, 404, id="loopback proxy, untrusted"),
         pytest.param("127.0.0.1", "127.0.0.1", (), None, 404, id="untrusted proxy claims loopback"),
-        pytest.param("127.0.0.1", "203.0.113.9", ("127.0.0.1",), None, 404, id="trusted proxy, remote client"),
-        pytest.param("127.0.0.1", "::1", ("127.0.0.1",), None, 200, id="trusted proxy, loopback client"),
-        pytest.param("10.0.0.2", "127.0.0.1, 10.0.0.3", ("10.0.0.0/8",), None, 200, id="right-most untrusted hop is loopback"),
-        pytest.param("10.0.0.2", "127.0.0.1, 203.0.113.9, 10.0.0.3", ("10.0.0.0/8",), None, 404, id="spoofed left-most hop ignored"),
-        pytest.param("10.0.0.2", "unknown, 10.0.0.3", ("10.0.0.0/8",), None, 404, id="unparsable hop"),
-        pytest.param(REMOTE, "127.0.0.1", ("10.0.0.0/8",), None, 404, id="untrusted peer forwards loopback"),
-        pytest.param("127.0.0.1", "for=127.0.0.1", ("127.0.0.1",), None, 404, id="Forwarded syntax is not trusted"),
+        pytest.param(
+            "127.0.0.1", "203.0.113.9", ("127.0.0.1",), None, 404, id="trusted proxy, remote client"
+        ),
+        pytest.param(
+            "127.0.0.1", "::1", ("127.0.0.1",), None, 200, id="trusted proxy, loopback client"
+        ),
+        pytest.param(
+            "10.0.0.2",
+            "127.0.0.1, 10.0.0.3",
+            ("10.0.0.0/8",),
+            None,
+            200,
+            id="right-most untrusted hop is loopback",
+        ),
+        pytest.param(
+            "10.0.0.2",
+            "127.0.0.1, 203.0.113.9, 10.0.0.3",
+            ("10.0.0.0/8",),
+            None,
+            404,
+            id="spoofed left-most hop ignored",
+        ),
+        pytest.param(
+            "10.0.0.2", "unknown, 10.0.0.3", ("10.0.0.0/8",), None, 404, id="unparsable hop"
+        ),
+        pytest.param(
+            REMOTE, "127.0.0.1", ("10.0.0.0/8",), None, 404, id="untrusted peer forwards loopback"
+        ),
+        pytest.param(
+            "127.0.0.1",
+            "for=127.0.0.1",
+            ("127.0.0.1",),
+            None,
+            404,
+            id="Forwarded syntax is not trusted",
+        ),
     ],
 )
 def test_report_access(

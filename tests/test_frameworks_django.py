@@ -88,9 +88,8 @@ def django(request: pytest.FixtureRequest) -> Handler:
 
 
 def test_wrap_changes_no_django_setting(django: Handler) -> None:
-    assert settings.MIDDLEWARE == []
-    assert settings.INSTALLED_APPS == []
-    assert settings.ROOT_URLCONF == django_app.__name__
+    configured = (settings.MIDDLEWARE, settings.INSTALLED_APPS, settings.ROOT_URLCONF)
+    assert configured == ([], [], django_app.__name__)
     assert django.mw.app is django.handler
     assert django.mw.framework == "django"
 

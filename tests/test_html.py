@@ -20,9 +20,32 @@ PAYLOADS = [SCRIPT, ATTRIBUTE, "</code></td></tr></table><iframe src=//evil.exam
 
 # Every tag the page uses for its own layout.
 OWN_TAGS = {
-    "html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "section", "strong",
-    "p", "div", "table", "thead", "tbody", "tr", "th", "td", "code", "br", "svg", "rect", "line",
-    "path", "text",
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "main",
+    "h1",
+    "h2",
+    "section",
+    "strong",
+    "p",
+    "div",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "code",
+    "br",
+    "svg",
+    "rect",
+    "line",
+    "path",
+    "text",
 }
 
 
@@ -61,12 +84,25 @@ def hostile_report(payload: str) -> Report:
             advice=payload,
         ),
         routes=[
-            RouteStat(route=f"/search/{payload}", method=payload, auth=payload, requests=3,
-                      retained_bytes_per_request=240.5, suspected=True),
+            RouteStat(
+                route=f"/search/{payload}",
+                method=payload,
+                auth=payload,
+                requests=3,
+                retained_bytes_per_request=240.5,
+                suspected=True,
+            ),
             RouteStat(route=payload, method="GET", auth="bearer", requests=1),
         ],
-        sites=[Site(file=payload, line=42, traceback=[payload, f"app.py:{payload}"],
-                    size_diff_bytes=1234, count_diff=5)],
+        sites=[
+            Site(
+                file=payload,
+                line=42,
+                traceback=[payload, f"app.py:{payload}"],
+                size_diff_bytes=1234,
+                count_diff=5,
+            )
+        ],
         roots=[Root(path=payload, type=payload, length=5000, growth=4000, advice=payload)],
         history=[HistoryPoint(0.0, 0, 1000, 10), HistoryPoint(5.0, 100, 5000, 40)],
         generated_at=payload,
@@ -74,7 +110,9 @@ def hostile_report(payload: str) -> Report:
     )
 
 
-@pytest.mark.parametrize("payload", PAYLOADS, ids=["script", "attribute breakout", "table breakout"])
+@pytest.mark.parametrize(
+    "payload", PAYLOADS, ids=["script", "attribute breakout", "table breakout"]
+)
 def test_hostile_values_are_escaped(payload: str) -> None:
     page = html.render(hostile_report(payload))
     # The raw payload never appears; its escaped form does.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import math
@@ -44,8 +45,14 @@ def monitor(clock: FakeClock | None = None, signals: Any = None, **options: Any)
     )
 
 
-def serve(m: Monitor, route: str, method: str = "GET", auth: str = "anonymous",
-          credential: str | None = None, status: int = 200) -> None:
+def serve(
+    m: Monitor,
+    route: str,
+    method: str = "GET",
+    auth: str = "anonymous",
+    credential: str | None = None,
+    status: int = 200,
+) -> None:
     """One request through the monitor's per-request path, as a middleware drives it."""
     probe = m.request_entry()
     m.request_exit(route, method, auth, credential, status, probe)
@@ -91,7 +98,10 @@ def test_outcome_of_status(status: int, outcome: str) -> None:
 @pytest.mark.parametrize(
     ("method", "label"),
     [
-        *[pytest.param(m, m, id=m) for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")],
+        *[
+            pytest.param(m, m, id=m)
+            for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+        ],
         pytest.param("PROPFIND", "OTHER", id="webdav"),
         pytest.param("BREW", "OTHER", id="made up"),
         pytest.param("get", "OTHER", id="lower case is another method"),
@@ -127,12 +137,14 @@ def test_samples_every_t_seconds() -> None:
         serve(m, "/x")
     # THEN a sample is taken by the first request at least 1 s after the previous sample
     times = [start] + [s.time for s in m.history]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) == 100 // 4
     assert all(1.0 <= gap < 1.0 + 0.3 for gap in gaps), gaps
 
 
-@pytest.mark.parametrize("cost_us", [0.0, 30.0, 144.0], ids=["cheap heap", "1 M blocks", "5 M blocks"])
+@pytest.mark.parametrize(
+    "cost_us", [0.0, 30.0, 144.0], ids=["cheap heap", "1 M blocks", "5 M blocks"]
+)
 def test_sampling_interval_stretches_with_the_cost_of_a_heap_reading(cost_us: float) -> None:
     # GIVEN a heap reading that costs cost_us microseconds (it advances a fake perf clock)
     perf = FakeClock()
@@ -159,7 +171,7 @@ def test_sampling_interval_stretches_with_the_cost_of_a_heap_reading(cost_us: fl
         serve(m, "/x")
     # THEN samples are spaced by the cost: never more than budget µs of heap reading per request
     marks = [s.requests for s in m.history if s.requests > 0]
-    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(marks)]
     expected = max(1, math.ceil(cost_us / budget))
     assert len(gaps) >= min(n // (expected + 1), m.config.history_size) - 2
     assert min(gaps) >= expected
@@ -182,7 +194,7 @@ def test_a_frozen_clock_still_samples_every_n_requests_when_readings_are_cheap()
 @pytest.mark.parametrize("distinct", [1, 25, 1000, 5000])
 def test_distinct_credentials_are_estimated(distinct: int) -> None:
     m = monitor(sample_every_requests=10**6)
-    for repeat in range(3):
+    for _repeat in range(3):
         for i in range(distinct):
             serve(m, "/me", auth="bearer", credential=f"{CANARY}-{i}")
     serve(m, "/", auth="anonymous")
@@ -271,10 +283,17 @@ def test_a_forked_child_starts_afresh() -> None:
         try:
             snap = m.snapshot()
             serve(m, "/child")
-            os.write(write, json.dumps(
-                {"requests": snap.requests, "history": len(snap.history), "pid": m.pid,
-                 "after": m.snapshot().counts.get(("/child", "GET", "anonymous", "ok"), 0)}
-            ).encode())
+            os.write(
+                write,
+                json.dumps(
+                    {
+                        "requests": snap.requests,
+                        "history": len(snap.history),
+                        "pid": m.pid,
+                        "after": m.snapshot().counts.get(("/child", "GET", "anonymous", "ok"), 0),
+                    }
+                ).encode(),
+            )
         finally:
             os._exit(0)
     os.close(write)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import itertools
 import json
 import random
 
@@ -92,8 +93,19 @@ def test_report_keeps_the_busiest_routes_up_to_the_cap() -> None:
 
 @pytest.mark.parametrize(
     "n_samples",
-    [0, 1, 2, MAX_HISTORY_POINTS - 1, MAX_HISTORY_POINTS, MAX_HISTORY_POINTS + 1,
-     2 * MAX_HISTORY_POINTS - 1, 2 * MAX_HISTORY_POINTS, 2 * MAX_HISTORY_POINTS + 1, 1000, 2000],
+    [
+        0,
+        1,
+        2,
+        MAX_HISTORY_POINTS - 1,
+        MAX_HISTORY_POINTS,
+        MAX_HISTORY_POINTS + 1,
+        2 * MAX_HISTORY_POINTS - 1,
+        2 * MAX_HISTORY_POINTS,
+        2 * MAX_HISTORY_POINTS + 1,
+        1000,
+        2000,
+    ],
 )
 def test_history_is_thinned_to_the_bound_keeping_first_and_last(n_samples: int) -> None:
     # GIVEN a monitor with n samples taken one second apart
@@ -104,7 +116,7 @@ def test_history_is_thinned_to_the_bound_keeping_first_and_last(n_samples: int) 
         clock=clock,
         rng=random.Random(1),
     )
-    for i in range(n_samples):
+    for _i in range(n_samples):
         monitor.request_exit("/", "GET", "anonymous", None, 200, None)
         clock.advance(1.0)
         monitor.take_sample()
@@ -119,7 +131,7 @@ def test_history_is_thinned_to_the_bound_keeping_first_and_last(n_samples: int) 
         assert history[0].seconds == 0.0 and history[0].requests == 1
         assert history[-1].requests == n_samples
         assert history[-1].seconds == pytest.approx(n_samples - 1.0)
-        assert all(a.requests < b.requests for a, b in zip(history, history[1:], strict=False))
+        assert all(a.requests < b.requests for a, b in itertools.pairwise(history))
         assert history[-1].rss_bytes == STATM_RESIDENT_PAGES * PAGE_SIZE
 
 
@@ -158,7 +170,14 @@ def test_json_has_the_contract_keys_and_types() -> None:
         assert isinstance(data["leak"][key], kind), key
     assert data["leak"]["suspected"] is True
     route = data["routes"][0]
-    assert {"route", "method", "auth", "requests", "retained_bytes_per_request", "suspected"} <= set(route)
+    assert {
+        "route",
+        "method",
+        "auth",
+        "requests",
+        "retained_bytes_per_request",
+        "suspected",
+    } <= set(route)
     assert isinstance(route["requests"], int)
     assert data["sites"] == [] and data["roots"] == []
     generated = datetime.datetime.fromisoformat(data["generated_at"].replace("Z", "+00:00"))
@@ -184,7 +203,12 @@ def test_no_credential_reaches_the_report() -> None:
     assert CANARY[:12].encode() not in body
     data = json.loads(body)
     assert set(data["process"]["distinct_credentials"]) <= {
-        "bearer", "basic", "digest", "apikey", "session", "other"
+        "bearer",
+        "basic",
+        "digest",
+        "apikey",
+        "session",
+        "other",
     }
     # Distinct credentials are counted (not listed): 40 + 5 + 2 bearer credentials, 0..39 repeat.
     assert data["process"]["distinct_credentials"]["bearer"] == pytest.approx(40, rel=0.1)

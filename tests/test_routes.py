@@ -24,15 +24,23 @@ MAX_LABEL = 17 * 32 + 17 + len("{...}")
         pytest.param("", "/", id="empty"),
         pytest.param("/", "/", id="root"),
         pytest.param("/users/42", "/users/{id}", id="numeric"),
-        pytest.param("/users/42/orders/7/", "/users/{id}/orders/{id}/", id="numerics, trailing slash"),
+        pytest.param(
+            "/users/42/orders/7/", "/users/{id}/orders/{id}/", id="numerics, trailing slash"
+        ),
         pytest.param("/days/2024-01-05", "/days/{id}", id="date"),
         pytest.param("/items/550e8400-e29b-41d4-a716-446655440000", "/items/{uuid}", id="uuid"),
-        pytest.param("/items/550E8400E29B41D4A716446655440000", "/items/{uuid}", id="uuid without dashes"),
-        pytest.param("/commits/9fceb02d0ae598e95dc970b74767f19372d61af8", "/commits/{hex}", id="sha1, 40 hex"),
+        pytest.param(
+            "/items/550E8400E29B41D4A716446655440000", "/items/{uuid}", id="uuid without dashes"
+        ),
+        pytest.param(
+            "/commits/9fceb02d0ae598e95dc970b74767f19372d61af8", "/commits/{hex}", id="sha1, 40 hex"
+        ),
         pytest.param("/blobs/deadbeef12", "/blobs/{hex}", id="short hex"),
         pytest.param("/blobs/0123456789abcdef", "/blobs/{hex}", id="hex 16"),
         pytest.param("/reset/Xk9_2mQ-7pLr4TzW8vNc1A", "/reset/{token}", id="urlsafe token"),
-        pytest.param("/reset/qWeRtYuIoPaSdFgHjK", "/reset/{token}", id="letters-only mixed-case token"),
+        pytest.param(
+            "/reset/qWeRtYuIoPaSdFgHjK", "/reset/{token}", id="letters-only mixed-case token"
+        ),
         pytest.param("/k/" + "z9" * 20, "/k/{token}", id="long token"),
         pytest.param("/k/" + "word" * 9, "/k/{token}", id="long word"),
         pytest.param("/users/alice@example.com", "/users/{value}", id="email"),
@@ -117,7 +125,9 @@ def leaked(token: str, label: str, n: int = 12) -> list[str]:
 )
 @example(before=["reset"], after=[], token="qWeRtYuIoPaSdFgHjKlZxC")  # letters only
 @example(before=["t"], after=["x"], token="Ab-Cd_EfGhIjKlMnOpQrSt")
-def test_property_no_piece_of_a_token_survives(before: list[str], after: list[str], token: str) -> None:
+def test_property_no_piece_of_a_token_survives(
+    before: list[str], after: list[str], token: str
+) -> None:
     # GIVEN a path with a random token as one of its segments
     path = "/" + "/".join([*before, token, *after])
     # WHEN it is normalised

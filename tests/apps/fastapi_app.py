@@ -26,7 +26,7 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=int(deny))
         return {"access": "granted"}
 
-    @app.api_route("/status/{code}", methods=["GET", "POST"])
+    @app.get("/status/{code}")
     async def status(code: int) -> Response:
         return PlainTextResponse(f"status {code}", status_code=code)
 

@@ -392,3 +392,23 @@ def expected_matrix(
         expected[(status_route, method, auth, outcome)] += 1
     expected[(boom_route, method, auth, "server_error")] += 1
     return dict(expected)
+
+
+async def communicate(
+    app: Any, scope: dict[str, Any], body: bytes = b"", timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """One HTTP request through asgiref's ApplicationCommunicator: sends the request body,
+    collects every message up to the final body message, then waits for the app to return.
+    ``receive`` blocks like a live connection (no early ``http.disconnect``)."""
+    from asgiref.testing import ApplicationCommunicator
+
+    communicator = ApplicationCommunicator(app, scope)
+    await communicator.send_input({"type": "http.request", "body": body, "more_body": False})
+    messages: list[dict[str, Any]] = []
+    while True:
+        message = await communicator.receive_output(timeout)
+        messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            break
+    await communicator.wait(timeout)
+    return messages

@@ -65,7 +65,11 @@ class CredentialPool:
         # Shuffle which ids are popular so that different schemes' heavy users differ.
         self._ids = list(range(1, max(spec.size, 1) + 1))
         rng.shuffle(self._ids)
-        self._fixed: dict[int, str] = {}
+        # Minted up front: the generator's own memory must stay flat once traffic starts (the
+        # in-process soak and leak measurement share its heap).
+        self._fixed: dict[int, str] = (
+            {n: self._mint(n) for n in self._ids} if spec.new_share <= 0.0 else {}
+        )
         self._recent: collections.deque[str] = collections.deque(maxlen=max(spec.recent, 1))
         self._minted = itertools.count(1)
         self.new = 0  # never-seen credentials sent (streams only)
@@ -80,11 +84,7 @@ class CredentialPool:
                 return value
             return self._rng.choice(self._recent)
         rank = bisect.bisect_left(self._cumulative, self._rng.random() * self._cumulative[-1])
-        n = self._ids[min(rank, len(self._ids) - 1)]
-        value = self._fixed.get(n)
-        if value is None:
-            value = self._fixed[n] = self._mint(n)
-        return value
+        return self._fixed[self._ids[min(rank, len(self._ids) - 1)]]
 
     def draw_bad(self) -> str:
         n = self._rng.randrange(max(self.spec.bad, 1)) + 1

@@ -1,0 +1,420 @@
+"""Diagnosis windows: tracemalloc for a bounded time, then which line and which route retain.
+
+Tracing every allocation costs several times a request's CPU, so it runs only inside windows:
+when the detector suspects a leak (mode ``triggered``), on demand (:func:`memwatch.diagnose`,
+``POST /memwatch/diagnose``), or always (mode ``always``, for development). A window:
+
+1. **Tags.** tracemalloc starts (unless the user already traces: then memwatch uses their tracing
+   and never stops it) and a snapshot is taken. Each request that enters is called through a
+   small trampoline function whose code object is unique to the request's (normalised path,
+   method, auth scheme): ``<memwatch request 7>``. Every allocation the request makes, on any
+   thread or task, has that frame in its traceback. This is what makes attribution immune to
+   concurrency: threads and coroutines interleave in time, never in a stack.
+2. **Drains.** After ``diagnosis_requests`` requests or ``diagnosis_seconds``, new requests are
+   no longer tagged; the window waits until every tagged request has finished, so that what the
+   tagged requests still hold is what they retained, not responses in flight.
+3. **Reads.** One collection of the young generations (garbage made during the window is not a
+   leak), a second snapshot, tracing stops (if memwatch started it), and the two snapshots are
+   compared by traceback: the growing allocation sites (memwatch's own frames left out, the
+   first frame in application code preferred over library frames) and, through the trampoline
+   frames, the bytes retained per request by each route.
+
+The wall-time duty cycle is capped (``diagnosis_duty_cycle``, default 5 %): after a window of
+length d the next one waits at least d / duty_cycle - d.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import sysconfig
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from memwatch.config import Config
+
+RouteKey = tuple[str, str, str]
+
+TRAMPOLINE_PREFIX = "<memwatch request "
+MAX_TAGS = 512
+MAX_SITES = 10
+
+_MEMWATCH_DIR = os.path.dirname(os.path.abspath(__file__))
+_DEMO_DIR = os.path.join(_MEMWATCH_DIR, "demo")
+_LIBRARY_DIRS = tuple(
+    {
+        os.path.abspath(p)
+        for p in (
+            sysconfig.get_paths().get("stdlib"),
+            sysconfig.get_paths().get("platstdlib"),
+            sysconfig.get_paths().get("purelib"),
+            sysconfig.get_paths().get("platlib"),
+        )
+        if p
+    }
+)
+
+
+def is_memwatch_file(filename: str) -> bool:
+    return filename.startswith(_MEMWATCH_DIR) and not filename.startswith(_DEMO_DIR)
+
+
+def is_library_file(filename: str) -> bool:
+    return (
+        filename.startswith(_LIBRARY_DIRS)
+        or "site-packages" in filename
+        or "dist-packages" in filename
+        or filename.startswith("<")
+    )
+
+
+def display_path(filename: str) -> str:
+    """A file name relative to the working directory or to sys.path, for reports."""
+    cwd = os.getcwd() + os.sep
+    if filename.startswith(cwd):
+        return filename[len(cwd) :]
+    for entry in sorted(sys.path, key=len, reverse=True):
+        if entry and filename.startswith(entry + os.sep):
+            return filename[len(entry) + 1 :]
+    return filename
+
+
+@dataclass(frozen=True)
+class SiteStat:
+    file: str
+    line: int
+    traceback: list[str]
+    size_diff_bytes: int
+    count_diff: int
+
+
+@dataclass(frozen=True)
+class RouteRetention:
+    """What one route's tagged requests kept: net, in the window's second half."""
+
+    key: RouteKey
+    requests: int  # tagged requests of the route in the second half
+    retained_bytes: int
+    retained_bytes_per_request: float
+    first_half_bytes_per_request: float = 0.0
+
+
+@dataclass
+class DiagnosisResult:
+    """What one window found."""
+
+    reason: str
+    started_wall: float
+    duration_seconds: float
+    requests: int
+    frames: int
+    traced_bytes: int
+    sites: list[SiteStat] = field(default_factory=list)
+    routes: list[RouteRetention] = field(default_factory=list)
+    unattributed_bytes: int = 0
+    error: str | None = None
+
+
+class Tag:
+    """A trampoline (one per request key in a window) and the window it belongs to."""
+
+    __slots__ = ("asgi", "index", "window", "wsgi")
+
+    def __init__(self, index: int, window: Window) -> None:
+        self.index = index
+        self.window = window
+        namespace: dict[str, Any] = {}
+        source = (
+            "def wsgi(app, environ, start_response):\n"
+            "    return app(environ, start_response)\n"
+            "async def asgi(app, scope, receive, send):\n"
+            "    await app(scope, receive, send)\n"
+        )
+        exec(compile(source, f"{TRAMPOLINE_PREFIX}{index}>", "exec"), namespace)
+        self.wsgi: Callable[[Any, Any, Any], Iterable[bytes]] = namespace["wsgi"]
+        self.asgi: Callable[[Any, Any, Any, Any], Awaitable[None]] = namespace["asgi"]
+
+
+class Window:
+    """A running diagnosis window (see the module docstring).
+
+    It runs in two halves separated by a drained checkpoint snapshot. The first half shows what
+    requests allocate and keep for a while; the second half's *net* growth per request is what
+    they keep for good: a bounded cache that turns over (an ``lru_cache`` at its size) frees in
+    the second half about as much as it allocates, a leak does not.
+    """
+
+    def __init__(self, config: Config, reason: str, requests_at_start: int) -> None:
+        self.config = config
+        self.reason = reason
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.requests_at_start = requests_at_start
+        self.half = 1
+        self.tagging = True
+        self.inflight = 0
+        self.tagged_requests = 0
+        self._tagged_in_half = 0
+        self._half_started = self.started
+        self.lock = threading.Lock()
+        self.own_tracing = not tracemalloc.is_tracing()
+        if self.own_tracing:
+            tracemalloc.start(config.diagnosis_frames)
+        self.frames = tracemalloc.get_traceback_limit()
+        self.before = tracemalloc.take_snapshot()
+        self.middle: tracemalloc.Snapshot | None = None
+        self._tags: dict[tuple[str, str, str], Tag] = {}
+        self._overflow: Tag | None = None
+        self.labels: dict[int, Counter[RouteKey]] = {}  # all requests, per trampoline
+        self.half_counts: tuple[Counter[RouteKey], Counter[RouteKey]] = (Counter(), Counter())
+
+    def tag_for(self, key: tuple[str, str, str]) -> Tag | None:
+        """The trampoline for a request entering now, or None while the window drains."""
+        with self.lock:
+            if not self.tagging:
+                return None
+            tag = self._tags.get(key)
+            if tag is None:
+                if len(self._tags) < MAX_TAGS:
+                    tag = self._tags[key] = Tag(len(self._tags), self)
+                else:
+                    if self._overflow is None:
+                        self._overflow = Tag(MAX_TAGS, self)
+                    tag = self._overflow
+            self.inflight += 1
+            self.tagged_requests += 1
+            self._tagged_in_half += 1
+            return tag
+
+    def release(self, tag: Tag, label: RouteKey | None) -> None:
+        """A tagged request finished; ``label`` is its final (route, method, auth).
+
+        No tagged request spans the checkpoint (it waits for them), so the current half is the
+        request's half.
+        """
+        with self.lock:
+            self.inflight -= 1
+            if label is not None:
+                self.labels.setdefault(tag.index, Counter())[label] += 1
+                self.half_counts[self.half - 1][label] += 1
+
+    def should_drain(self) -> bool:
+        cfg = self.config
+        return (
+            self._tagged_in_half >= max(cfg.diagnosis_requests // 2, 1)
+            or time.monotonic() - self._half_started >= cfg.diagnosis_seconds / 2
+        )
+
+    def ready(self) -> bool:
+        """Drained: no tagged request is still running (or it has waited long enough)."""
+        if self.tagging:
+            return False
+        overdue = time.monotonic() - self.started > 2 * self.config.diagnosis_seconds + 30
+        return self.inflight <= 0 or overdue
+
+    def checkpoint(self) -> None:
+        """Between the halves: the middle snapshot, then tagging resumes."""
+        gc.collect(1)
+        self.middle = tracemalloc.take_snapshot()
+        with self.lock:
+            self.half = 2
+            self._tagged_in_half = 0
+            self._half_started = time.monotonic()
+            self.tagging = True
+
+    def finish(self) -> DiagnosisResult:
+        """Collect, snapshot, stop tracing (if ours), and compare."""
+        try:
+            gc.collect(1)
+            after = tracemalloc.take_snapshot()
+            traced = tracemalloc.get_traced_memory()[0]
+        finally:
+            if self.own_tracing:
+                tracemalloc.stop()
+        duration = time.monotonic() - self.started
+        result = DiagnosisResult(
+            reason=self.reason,
+            started_wall=self.started_wall,
+            duration_seconds=duration,
+            requests=self.tagged_requests,
+            frames=self.frames,
+            traced_bytes=traced,
+        )
+        self._analyse(after, result)
+        return result
+
+    def _label_of(self, index: int) -> RouteKey | None:
+        counter = self.labels.get(index)
+        if not counter:
+            return None
+        return counter.most_common(1)[0][0]
+
+    def _route_of(self, traceback: tracemalloc.Traceback) -> RouteKey | None:
+        for frame in traceback:
+            if frame.filename.startswith(TRAMPOLINE_PREFIX):
+                return self._label_of(int(frame.filename[len(TRAMPOLINE_PREFIX) : -1]))
+        return None
+
+    def _analyse(self, after: tracemalloc.Snapshot, result: DiagnosisResult) -> None:
+        filters = [
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+        ]
+        start = self.before.filter_traces(filters)
+        end = after.filter_traces(filters)
+        middle = self.middle.filter_traces(filters) if self.middle is not None else start
+        whole = {d.traceback: d for d in end.compare_to(start, "traceback")}
+        second = end.compare_to(middle, "traceback")
+        first_bytes: Counter[RouteKey] = Counter()
+        for d in middle.compare_to(start, "traceback"):
+            route = self._route_of(d.traceback)
+            if route is not None:
+                first_bytes[route] += d.size_diff
+        second_bytes: Counter[RouteKey] = Counter()
+        sites: list[SiteStat] = []
+        unattributed = 0
+        for diff in second:
+            route = self._route_of(diff.traceback)
+            if route is not None:
+                second_bytes[route] += diff.size_diff
+            elif diff.size_diff > 0:
+                unattributed += diff.size_diff
+            if diff.size_diff <= 0:
+                continue
+            frames = list(diff.traceback)  # oldest first
+            site = _site(frames)
+            if site is None:
+                continue
+            total = whole.get(diff.traceback, diff)
+            sites.append(
+                SiteStat(
+                    file=display_path(site[0]),
+                    line=site[1],
+                    traceback=[
+                        f"{display_path(f.filename)}:{f.lineno}"
+                        for f in reversed(frames)
+                        if not is_memwatch_file(f.filename)
+                        and not f.filename.startswith(TRAMPOLINE_PREFIX)
+                    ],
+                    size_diff_bytes=max(total.size_diff, diff.size_diff),
+                    count_diff=max(total.count_diff, diff.count_diff),
+                )
+            )
+        result.sites = _merge_sites(sites)[:MAX_SITES]
+        result.unattributed_bytes = unattributed
+        first_n, second_n = self.half_counts
+        routes = []
+        for key in set(first_bytes) | set(second_bytes):
+            n1, n2 = first_n.get(key, 0), second_n.get(key, 0)
+            steady = second_bytes.get(key, 0) / n2 if n2 else 0.0
+            early = first_bytes.get(key, 0) / n1 if n1 else 0.0
+            routes.append(
+                RouteRetention(
+                    key=key,
+                    requests=n2,
+                    retained_bytes=second_bytes.get(key, 0),
+                    retained_bytes_per_request=steady,
+                    first_half_bytes_per_request=early,
+                )
+            )
+        result.routes = sorted(routes, key=lambda r: -r.retained_bytes_per_request)
+
+
+def _site(frames: list[tracemalloc.Frame]) -> tuple[str, int] | None:
+    """The allocation site to report: the most recent frame in application code, else the most
+    recent frame outside memwatch."""
+    candidates = [
+        f
+        for f in reversed(frames)
+        if not is_memwatch_file(f.filename) and not f.filename.startswith(TRAMPOLINE_PREFIX)
+    ]
+    for frame in candidates:
+        if not is_library_file(frame.filename):
+            return frame.filename, frame.lineno
+    if candidates:
+        return candidates[0].filename, candidates[0].lineno
+    return None
+
+
+def _merge_sites(sites: list[SiteStat]) -> list[SiteStat]:
+    """Tracebacks that differ only above the site are one site for the reader."""
+    merged: dict[tuple[str, int], SiteStat] = {}
+    for s in sites:
+        key = (s.file, s.line)
+        prior = merged.get(key)
+        if prior is None:
+            merged[key] = s
+        else:
+            bigger = prior if prior.size_diff_bytes >= s.size_diff_bytes else s
+            merged[key] = SiteStat(
+                file=s.file,
+                line=s.line,
+                traceback=bigger.traceback,
+                size_diff_bytes=prior.size_diff_bytes + s.size_diff_bytes,
+                count_diff=prior.count_diff + s.count_diff,
+            )
+    return sorted(merged.values(), key=lambda s: -s.size_diff_bytes)
+
+
+class Diagnosis:
+    """Starts, drives and finishes windows; remembers the last result; caps the duty cycle."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.window: Window | None = None
+        self.last: DiagnosisResult | None = None
+        self.windows = 0
+        self.busy_seconds = 0.0
+        self._not_before = 0.0
+        self._lock = threading.Lock()
+
+    def can_start(self) -> bool:
+        return self.window is None and time.monotonic() >= self._not_before
+
+    def start(self, reason: str, requests: int, *, force: bool = False) -> bool:
+        if self.config.diagnosis == "off" and not force:
+            return False
+        with self._lock:
+            if self.window is not None or (not force and time.monotonic() < self._not_before):
+                return False
+            self.window = Window(self.config, reason, requests)
+            return True
+
+    def abandon(self) -> None:
+        """Drops a window that failed, stopping tracing if memwatch started it."""
+        window, self.window = self.window, None
+        if window is not None and window.own_tracing and tracemalloc.is_tracing():
+            tracemalloc.stop()
+        self._not_before = time.monotonic() + self.config.diagnosis_seconds / (
+            self.config.diagnosis_duty_cycle
+        )
+
+    def step(self, requests: int) -> DiagnosisResult | None:
+        """Advance the running window; returns its result when it finishes."""
+        window = self.window
+        if window is None:
+            return None
+        if window.tagging and window.should_drain():
+            window.tagging = False
+        if not window.ready():
+            return None
+        if window.half == 1:
+            window.checkpoint()
+            return None
+        with self._lock:
+            if self.window is not window:
+                return None
+            self.window = None
+        result = window.finish()
+        self.windows += 1
+        self.busy_seconds += result.duration_seconds
+        pause = result.duration_seconds / self.config.diagnosis_duty_cycle
+        self._not_before = time.monotonic() + max(pause - result.duration_seconds, 0.0)
+        self.last = result
+        return result
