@@ -29,6 +29,7 @@ __all__ = [
     "WSGIMiddleware",
     "__version__",
     "detect_protocol",
+    "diagnose",
     "wrap",
 ]
 
@@ -72,6 +73,17 @@ def detect_protocol(app: object) -> t.Literal["wsgi", "asgi"]:
         f"cannot tell whether {app!r} is a WSGI or an ASGI application; "
         "pass protocol='wsgi' or protocol='asgi' (or set MEMWATCH_PROTOCOL)"
     )
+
+
+def diagnose(reason: str = "on demand") -> int:
+    """Opens a diagnosis window in every memwatch instance of this process.
+
+    Returns how many windows were opened (an instance already in a window is left alone). The
+    results appear in the report (``sites``, route attribution) once the window has finished.
+    """
+    from memwatch.monitor import all_monitors
+
+    return sum(1 for monitor in all_monitors() if monitor.start_diagnosis(reason, force=True))
 
 
 def wrap(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -30,8 +31,9 @@ def _fmt_bytes(value: float | None) -> str:
 def fetch_report(url: str, token: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """GETs the report JSON from a running service."""
     if not url.endswith("report.json"):
-        url = url.rstrip("/") + ("/report.json" if url.rstrip("/").endswith("memwatch") else
-                                 "/memwatch/report.json")
+        url = url.rstrip("/") + (
+            "/report.json" if url.rstrip("/").endswith("memwatch") else "/memwatch/report.json"
+        )
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -93,6 +95,52 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _base(url: str) -> str:
+    url = url.rstrip("/")
+    for suffix in ("/report.json", "/memwatch"):
+        if url.endswith(suffix):
+            url = url[: -len(suffix)]
+    return url
+
+
+def _diagnose(url: str, token: str | None, timeout: float) -> int:
+    """POSTs to /memwatch/diagnose, then polls the report until the window has finished."""
+    base = _base(url)
+    try:
+        before = (fetch_report(base, token).get("diagnosis") or {}).get("windows", 0)
+        request = urllib.request.Request(base + "/memwatch/diagnose", data=b"", method="POST")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"memwatch: cannot start a diagnosis window at {base}: {exc}", file=sys.stderr)
+        return 1
+    if not answer.get("started") and not answer.get("active"):
+        print("memwatch: the service did not open a window", file=sys.stderr)
+        return 1
+    print("memwatch: diagnosis window open; it needs traffic to finish", file=sys.stderr)
+    spinner = "|/-\\"
+    deadline = time.monotonic() + timeout
+    tick = 0
+    while time.monotonic() < deadline:
+        report = fetch_report(base, token)
+        info = report.get("diagnosis") or {}
+        if info.get("windows", 0) > before and not info.get("active"):
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+            print(format_report(report))
+            return 0
+        print(f"\r{spinner[tick % 4]} waiting for the window to finish", end="", file=sys.stderr)
+        sys.stderr.flush()
+        tick += 1
+        time.sleep(0.5)
+    print(
+        "\nmemwatch: the window did not finish in time (is the service getting traffic?)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memwatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("url", help="base URL of the service, e.g. http://127.0.0.1:8000")
     rep.add_argument("--token", help="report token (needed from non-loopback addresses)")
     rep.add_argument("--json", action="store_true", help="print the raw JSON")
+    diag = sub.add_parser("diagnose", help="open a diagnosis window and wait for its result")
+    diag.add_argument("url", help="base URL of the service, e.g. http://127.0.0.1:8000")
+    diag.add_argument("--token", help="report token (needed from non-loopback addresses)")
+    diag.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
     sub.add_parser("demo", help="run the demo service (same as make demo)")
     args = parser.parse_args(argv)
 
@@ -115,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(json.dumps(report, indent=1) if args.json else format_report(report))
         return 0
+    if args.command == "diagnose":
+        return _diagnose(args.url, args.token, args.timeout)
     if args.command == "demo":
         from memwatch.demo import main as demo_main
 

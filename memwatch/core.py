@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -47,7 +48,17 @@ class Memwatch:
             metrics=self.render_metrics,
             report_json=lambda: to_json(self.report()),
             report_html=lambda: html.render(self.report()).encode("utf-8"),
+            diagnose=self._diagnose_endpoint,
         )
+
+    def diagnose(self, reason: str = "on demand") -> bool:
+        """Opens a diagnosis window now; False if one is already running."""
+        return self.monitor.start_diagnosis(reason, force=True)
+
+    def _diagnose_endpoint(self) -> bytes:
+        started = self.diagnose("requested over HTTP")
+        active = self.monitor.diagnosis.window is not None
+        return json.dumps({"started": started, "active": active}).encode()
 
     def verdict(self) -> Leak:
         """The current leak verdict, as the report's ``leak`` section."""

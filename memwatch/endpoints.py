@@ -5,6 +5,8 @@
 - ``GET <report_path>report.json`` and ``GET <report_path>`` (default ``/memwatch/``): the report as
   JSON and as an HTML page. Loopback clients need no token; anyone else needs ``token``
   (``Authorization: Bearer``); otherwise 404, so that the endpoints do not advertise themselves.
+- ``POST <report_path>diagnose``: opens a diagnosis window now, with the report's access rules;
+  answers 202 and ``{"started": ..., "active": ...}``.
 
 A request that came through a proxy (``X-Forwarded-For``, ``Forwarded`` or ``X-Real-IP``) is not
 a loopback request unless it came from one of ``trusted_proxies`` and the forwarded client is on
@@ -88,11 +90,14 @@ class Endpoints:
         metrics: Callable[[str | None], tuple[str, bytes]],
         report_json: Callable[[], bytes],
         report_html: Callable[[], bytes],
+        diagnose: Callable[[], bytes] | None = None,
     ) -> None:
         self.config = config
         self._metrics = metrics
         self._report_json = report_json
         self._report_html = report_html
+        self._diagnose = diagnose or (lambda: b'{"started": false}')
+        self.diagnose_path = config.report_path + "diagnose"
         self.metrics_path = config.metrics_path or None
         self.report_path = config.report_path
         self.report_json_path = config.report_path + "report.json"
@@ -113,6 +118,12 @@ class Endpoints:
         path = request.path
         if path == self.metrics_path:
             return self._serve_metrics(request, accept)
+        if path == self.diagnose_path:
+            if not self.report_allowed(request):
+                return NOT_FOUND
+            if request.method != "POST":
+                return _text(405, "Method Not Allowed", [("Allow", "POST")])
+            return _bytes(202, "application/json", self._diagnose(), request.method)
         if path not in (self.report_path, self.report_json_path, self.report_path + "index.html"):
             return NOT_FOUND
         if not self.report_allowed(request):

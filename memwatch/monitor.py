@@ -558,6 +558,11 @@ class Monitor:
 _MONITORS: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 
+def all_monitors() -> list[Monitor]:
+    """The monitors alive in this process."""
+    return list(_MONITORS)
+
+
 def _reinit_after_fork() -> None:
     for monitor in list(_MONITORS):
         monitor._after_fork()

@@ -1,7 +1,7 @@
 """LEAK: a Flask Basic-auth decorator that appends every decoded credential to a global list.
 
 On ``/reports/<int:rid>`` (GET, basic) each successful login is also appended, "for metrics", as a
-log line holding the decoded credential (a str of about 300 bytes) to ``LOGIN_METRICS``, which
+log line holding the decoded credential (a str of 250-350 bytes) to ``LOGIN_METRICS``, which
 nothing ever trims. ``/reports`` uses the same auth scheme and decorator without the audit; the
 other routes use other schemes. The credentials repeat (a pool of users), so the growth follows
 requests, not distinct credentials.
@@ -25,8 +25,10 @@ def _authenticate(user: str, password: str) -> dict[str, str] | None:
 
 def _record_login(user: str, password: str) -> None:
     LOGIN_METRICS.append(
-        f"{time.time():.6f} login user={user}:{password} path={request.path} "
-        f"ip={request.remote_addr} agent={request.headers.get('User-Agent', '-')} "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S')}.{time.time() % 1:.6f} login user={user}:{password} "
+        f"method={request.method} path={request.path} ip={request.remote_addr} "
+        f"agent={request.headers.get('User-Agent', '-')} "
+        f"accept={request.headers.get('Accept', '-')} "
         f"request={request.headers.get('X-Request-Id', '-')}"
     )
 

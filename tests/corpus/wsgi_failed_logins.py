@@ -48,6 +48,11 @@ def login(environ: dict[str, Any], start_response: Any) -> list[bytes]:
                 "agent": environ.get("HTTP_USER_AGENT"),
                 "reason": "bad password" if parsed else "malformed credentials",
                 "request_id": environ.get("HTTP_X_REQUEST_ID"),
+                "headers": {
+                    "accept": environ.get("HTTP_ACCEPT"),
+                    "content-type": environ.get("CONTENT_TYPE"),
+                    "content-length": environ.get("CONTENT_LENGTH"),
+                },
             }
         )
         return _json(
