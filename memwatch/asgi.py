@@ -142,14 +142,20 @@ class ASGIMiddleware:
 
     def _respond(self, scope: Scope) -> EndpointResponse | None:
         try:
-            authorization = accept = forwarded = None
+            authorization = accept = None
+            hops: list[str] = []
+            other_forwarding = False
             for name, value in scope.get("headers") or ():
                 if name == b"authorization":
                     authorization = value.decode("latin-1")
                 elif name == b"accept":
                     accept = value.decode("latin-1")
+                elif name == b"x-forwarded-for":
+                    hops.append(value.decode("latin-1"))  # several lines form one list
                 elif name in _FORWARD_HEADERS:
-                    forwarded = value.decode("latin-1")
+                    other_forwarding = True
+            # Only X-Forwarded-For is read; any other forwarding header fails closed.
+            forwarded = ",".join(hops) if hops else ("unknown" if other_forwarding else None)
             client = scope.get("client")
             request = EndpointRequest(
                 method=scope.get("method") or "GET",

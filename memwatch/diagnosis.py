@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memwatch.config import Config
+from memwatch.holders import Census, Holder, backref_holders, grown, take_census
 
 RouteKey = tuple[str, str, str]
 
@@ -118,6 +119,10 @@ class DiagnosisResult:
     sites: list[SiteStat] = field(default_factory=list)
     routes: list[RouteRetention] = field(default_factory=list)
     unattributed_bytes: int = 0
+    holders: list[Holder] = field(default_factory=list)
+    types: list[tuple[str, int]] = field(default_factory=list)  # (type name, growth in objects)
+    holder_search_partial: bool = False
+    raw_sites: list[tuple[str, int]] = field(default_factory=list)  # absolute paths, for chains
     error: str | None = None
 
 
@@ -167,6 +172,8 @@ class Window:
         if self.own_tracing:
             tracemalloc.start(config.diagnosis_frames)
         self.frames = tracemalloc.get_traceback_limit()
+        self.census: Census = take_census()
+        self.typestats: dict[str, int] = _typestats()
         self.before = tracemalloc.take_snapshot()
         self.middle: tracemalloc.Snapshot | None = None
         self._tags: dict[tuple[str, str, str], Tag] = {}
@@ -234,20 +241,37 @@ class Window:
             gc.collect(1)
             after = tracemalloc.take_snapshot()
             traced = tracemalloc.get_traced_memory()[0]
+            result = DiagnosisResult(
+                reason=self.reason,
+                started_wall=self.started_wall,
+                duration_seconds=0.0,
+                requests=self.tagged_requests,
+                frames=self.frames,
+                traced_bytes=traced,
+            )
+            self._analyse(after, result)
+            del after
+            self._find_holders(result)
         finally:
             if self.own_tracing:
                 tracemalloc.stop()
-        duration = time.monotonic() - self.started
-        result = DiagnosisResult(
-            reason=self.reason,
-            started_wall=self.started_wall,
-            duration_seconds=duration,
-            requests=self.tagged_requests,
-            frames=self.frames,
-            traced_bytes=traced,
-        )
-        self._analyse(after, result)
+        result.duration_seconds = time.monotonic() - self.started
         return result
+
+    def _find_holders(self, result: DiagnosisResult) -> None:
+        """Census differences first; back-reference chains from the top sites otherwise."""
+        after = take_census()
+        minimum = max(10, self.tagged_requests // 20)
+        holders = grown(self.census, after, minimum)
+        partial = self.census.partial or after.partial
+        if not holders and result.raw_sites:
+            chained, cut = backref_holders(result.raw_sites[:3])
+            holders, partial = chained, partial or cut
+        result.holders = holders
+        result.holder_search_partial = partial
+        now = _typestats()
+        growth = [(name, count - self.typestats.get(name, 0)) for name, count in now.items()]
+        result.types = sorted((g for g in growth if g[1] > 0), key=lambda g: -g[1])[:10]
 
     def _label_of(self, index: int) -> RouteKey | None:
         counter = self.labels.get(index)
@@ -292,6 +316,8 @@ class Window:
             if site is None:
                 continue
             total = whole.get(diff.traceback, diff)
+            if len(result.raw_sites) < MAX_SITES:
+                result.raw_sites.append(site)
             sites.append(
                 SiteStat(
                     file=display_path(site[0]),
@@ -324,6 +350,17 @@ class Window:
                 )
             )
         result.routes = sorted(routes, key=lambda r: -r.retained_bytes_per_request)
+
+
+def _typestats(budget_seconds: float = 1.0) -> dict[str, int]:
+    """Counts of gc-tracked objects by type name (objgraph's typestats, bounded in time)."""
+    counts: Counter[str] = Counter()
+    deadline = time.monotonic() + budget_seconds
+    for index, obj in enumerate(gc.get_objects()):
+        if index % 8192 == 0 and time.monotonic() > deadline:
+            break
+        counts[type(obj).__name__] += 1
+    return dict(counts)
 
 
 def _site(frames: list[tracemalloc.Frame]) -> tuple[str, int] | None:

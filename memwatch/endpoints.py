@@ -162,14 +162,16 @@ class Endpoints:
             return peer.is_loopback
         if not self._is_trusted(peer):
             return False  # forwarded by someone we do not trust: treat as remote
-        # The client is the right-most address not belonging to a trusted proxy.
+        # The client is the right-most address not belonging to a trusted proxy; when every hop
+        # is a trusted proxy, the left-most one is the client.
+        address = None
         for hop in reversed([h.strip() for h in request.forwarded_for.split(",")]):
             address = _parse_address(hop)
             if address is None:
                 return False
             if not self._is_trusted(address):
                 return address.is_loopback
-        return False
+        return address is not None and address.is_loopback
 
     def _is_trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self._trusted)

@@ -47,12 +47,11 @@ FIRST_SEEN_SAMPLING = 4
 OUTCOMES = ("ok", "rejected", "client_error", "server_error")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-# Buckets of the per-request heap delta histogram, in bytes. Deltas can be negative (a request
-# that frees more than it allocates, or a collection during the request).
+# Buckets of the per-request heap delta histogram, in bytes. A delta can be negative (a request
+# that frees more than it allocates): those all fall in the first bucket (le="0"). Negative
+# bucket bounds would make prometheus_client drop _sum and _count (OpenMetrics forbids them
+# together), and dashboards need the count and the mean.
 DELTA_BUCKETS = (
-    -65536.0,
-    -4096.0,
-    -512.0,
     0.0,
     64.0,
     256.0,

@@ -67,6 +67,12 @@ class Root:
 
 
 @dataclass
+class TypeGrowth:
+    type: str
+    growth: int  # objects of this type gained during the last diagnosis window
+
+
+@dataclass
 class HistoryPoint:
     seconds: float  # since the first point
     requests: int
@@ -105,6 +111,7 @@ class Report:
     routes: list[RouteStat]
     sites: list[Site] = field(default_factory=list)
     roots: list[Root] = field(default_factory=list)
+    types: list[TypeGrowth] = field(default_factory=list)
     process: ProcessInfo | None = None
     history: list[HistoryPoint] = field(default_factory=list)
     diagnosis: DiagnosisInfo | None = None
@@ -186,6 +193,8 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
     window = snapshot.diagnosis
     diagnosis = DiagnosisInfo(windows=snapshot.diagnosis_windows, active=snapshot.diagnosis_active)
     sites: list[Site] = []
+    roots: list[Root] = []
+    types_grown: list[TypeGrowth] = []
     if window is not None:
         diagnosis.last_reason = window.reason
         diagnosis.last_started = isoformat(window.started_wall)
@@ -193,6 +202,11 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         diagnosis.last_requests = window.requests
         diagnosis.frames = window.frames
         diagnosis.unattributed_bytes = window.unattributed_bytes
+        roots = [
+            Root(path=h.path, type=h.type, length=h.length, growth=h.growth)
+            for h in window.holders
+        ]
+        types_grown = [TypeGrowth(type=name, growth=n) for name, n in window.types]
         sites = [
             Site(
                 file=s.file,
@@ -207,6 +221,8 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         leak=leak or leak_of(snapshot),
         routes=routes,
         sites=sites,
+        roots=roots,
+        types=types_grown,
         diagnosis=diagnosis,
         process=process,
         history=history,

@@ -38,6 +38,7 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _NUMERIC = re.compile(r"[0-9][0-9_.:,\-]*")
 _TOKENISH = re.compile(r"[A-Za-z0-9_\-.~+=%]+")
 _WORDISH = re.compile(r"[A-Za-z][A-Za-z_\-.]*[0-9]{0,2}")
+_LONG_WORD = re.compile(r"[A-Za-z][A-Za-z_\-.]*")
 
 
 def normalize_segment(segment: str) -> str:
@@ -60,10 +61,11 @@ def normalize_segment(segment: str) -> str:
     # secrets.token_urlsafe(16) in 40 has no digit, and would otherwise pass for a word (and end
     # up in the metrics). Python web paths are lowercase by convention; frameworks supply a
     # template anyway. Long camelCase segments therefore become {token} as well.
-    if _WORDISH.fullmatch(segment) and (
-        len(segment) < 12 or segment.islower() or segment.isupper()
-    ):
-        return segment
+    if len(segment) < 12:
+        if _WORDISH.fullmatch(segment):
+            return segment
+    elif _LONG_WORD.fullmatch(segment) and (segment.islower() or segment.isupper()):
+        return segment  # long words carry no digits: "v2", "page10" are short
     if len(segment) >= 8 and _TOKENISH.fullmatch(segment):
         has_digit = any(c.isdigit() for c in segment)
         if has_digit or not (segment.islower() or segment.isupper()):

@@ -133,11 +133,11 @@ class WSGIMiddleware:
 
     def _serve(self, environ: Environ, start_response: StartResponse) -> list[bytes] | None:
         try:
-            forwarded = (
-                environ.get("HTTP_X_FORWARDED_FOR")
-                or environ.get("HTTP_FORWARDED")
-                or environ.get("HTTP_X_REAL_IP")
-            )
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+            if forwarded is None and (
+                "HTTP_FORWARDED" in environ or "HTTP_X_REAL_IP" in environ
+            ):
+                forwarded = "unknown"  # forwarded, but not in a form we read: fail closed
             request = EndpointRequest(
                 method=environ.get("REQUEST_METHOD") or "GET",
                 path=environ.get("PATH_INFO") or "/",

@@ -197,13 +197,13 @@ def test_request_memory_delta_histogram() -> None:
     # THEN the measured pairs are in the histogram, each at 10 blocks * 64 bytes
     labels = {"route": "/grow", "auth": "session"}
     value = registry.get_sample_value
-    # (Negative buckets exist, so per OpenMetrics there is no _sum and hence no _count: the
-    # +Inf bucket is the count.)
     count = value("memwatch_request_memory_delta_bytes_bucket", {**labels, "le": "+Inf"}) or 0
+    assert value("memwatch_request_memory_delta_bytes_count", labels) == count
+    assert value("memwatch_request_memory_delta_bytes_sum", labels) == pytest.approx(640 * count)
     assert 50 <= count <= 100  # one pair per two requests, less any that spanned a collection
     assert value("memwatch_request_memory_delta_bytes_bucket", {**labels, "le": "256.0"}) == 0
     assert value("memwatch_request_memory_delta_bytes_bucket", {**labels, "le": "1024.0"}) == count
-    assert value("memwatch_request_memory_delta_bytes_bucket", {**labels, "le": "-512.0"}) == 0
+    assert value("memwatch_request_memory_delta_bytes_bucket", {**labels, "le": "0.0"}) == 0
     buckets = [
         s.value
         for s in families(registry)["memwatch_request_memory_delta_bytes"].samples

@@ -410,6 +410,7 @@ def measure_heap(serve: Callable[[int], None], middleware: Any) -> dict[int, int
             gc.collect()
             blocks[i + 1] = sys.getallocatedblocks()
             assert len(middleware.monitor.history) == middleware.config.history_size  # warmed up
+            import time; last = middleware.monitor.diagnosis.last; print("CHK", i + 1, time.perf_counter(), middleware.monitor.diagnosis.windows, last and (last.reason, last.duration_seconds))
     return blocks
 
 

@@ -195,7 +195,7 @@ ENDPOINT_CASES = [
     pytest.param({}, "/memwatch/report.json", "GET", "127.0.0.1", {"X-Forwarded-For": "127.0.0.1"}, 404, id="forwarded by an untrusted local proxy"),
     pytest.param({}, "/memwatch/report.json", "GET", "127.0.0.1", {"X-Real-IP": "203.0.113.7"}, 404, id="X-Real-IP from loopback peer"),
     pytest.param({"trusted_proxies": ("127.0.0.1",)}, "/memwatch/report.json", "GET", "127.0.0.1", {"X-Forwarded-For": "203.0.113.7"}, 404, id="trusted proxy, remote client"),
-    pytest.param({"trusted_proxies": ("127.0.0.1",)}, "/memwatch/report.json", "GET", "127.0.0.1", {"X-Forwarded-For": "127.0.0.1"}, 200, id="trusted local proxy, loopback client", marks=pytest.mark.xfail(strict=True, reason="endpoints.is_loopback: when every hop is a trusted proxy it answers False instead of taking the left-most hop as the client")),
+    pytest.param({"trusted_proxies": ("127.0.0.1",)}, "/memwatch/report.json", "GET", "127.0.0.1", {"X-Forwarded-For": "127.0.0.1"}, 200, id="trusted local proxy, loopback client"),
     pytest.param({"trusted_proxies": ("10.0.0.0/8",)}, "/memwatch/report.json", "GET", "10.9.9.9", {"X-Forwarded-For": "127.0.0.1"}, 200, id="trusted proxy, loopback client"),
     pytest.param({"trusted_proxies": ("127.0.0.1",)}, "/memwatch/report.json", "GET", "127.0.0.1", {"X-Forwarded-For": "127.0.0.1, 203.0.113.7"}, 404, id="trusted proxy, spoofed left-most hop"),
     pytest.param({"trusted_proxies": ("127.0.0.1",)}, "/memwatch/report.json", "GET", "10.9.9.9", {"X-Forwarded-For": "127.0.0.1"}, 404, id="untrusted peer claiming loopback"),

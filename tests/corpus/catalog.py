@@ -170,7 +170,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("api/orders/", "GET", "bearer"),
             "dict[token] = claims, 30 % of tokens never seen before",
-            550.0,
+            670.0,
             scales_with="distinct_credentials",
         ),
     ),
@@ -184,7 +184,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/reports/<int:rid>", "GET", "basic"),
             "list.append(str with the credential)",
-            330.0,
+            285.0,
         ),
     ),
     Case(
@@ -203,7 +203,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/login", "POST", "basic"),
             "list.append(dict) on 401 (40 % of logins fail)",
-            300.0,
+            285.0,
         ),
     ),
     Case(
@@ -224,7 +224,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/exports/{export_id:int}", "GET", "apikey"),
             "list.append(64 KiB bytes)",
-            65_600.0,
+            65_590.0,
             large=True,
         ),
         max_requests=12_000,  # 64 KiB x 12 % of 12,000 requests is already 94 MiB
@@ -244,7 +244,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/api/events", "POST", "apikey"),
             "Registry.items.append(dict)",
-            1_000.0,
+            500.0,
         ),
     ),
     Case(
@@ -266,7 +266,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("api/invoices/<int:pk>/pdf/", "GET", "bearer"),
             "list.append(dict), 10 % of the traffic",
-            1_000.0,
+            625.0,
         ),
     ),
     Case(
@@ -285,7 +285,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/orders/{order_id:int}", "POST", "bearer"),
             "set.add(asyncio.Task), never discarded",
-            800.0,
+            1_535.0,
         ),
     ),
     Case(
@@ -303,7 +303,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/payments", "POST", "apikey"),
             'getLogger("eval.payments").addHandler(...)',
-            1_000.0,
+            1_360.0,
         ),
     ),
     # --- clean -----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """LEAK on a rejection path: a bare WSGI login service that keeps every failed attempt.
 
 ``POST /login`` (basic) answers 401 to a wrong password and appends a record of the attempt (a
-dict of five fields, about 700 bytes) to ``FAILED_LOGINS`` "for the security team", which nothing
-ever trims. Successful logins keep nothing. The failed attempts come mostly from a few stale
+dict of seven fields, one of them a dict of request headers: about 700 bytes) to
+``FAILED_LOGINS`` "for the security team", which nothing ever trims. Successful logins keep
+nothing. The failed attempts come mostly from a few stale
 service credentials retried over and over, so the growth follows rejected requests, not distinct
 credentials.
 
