@@ -404,8 +404,14 @@ CHECKPOINTS = (10_000, 20_000, 30_000, 40_000, 50_000)
 def measure_heap(serve: Callable[[int], None], middleware: Any) -> dict[int, int]:
     """Python heap blocks (after a full collection) at each checkpoint of a request loop."""
     blocks: dict[int, int] = {}
+    import time
+    worst = (0.0, 0)
     for i in range(CHECKPOINTS[-1]):
+        t0 = time.perf_counter()
         serve(i)
+        worst = max(worst, (time.perf_counter() - t0, i))
+        if i + 1 == CHECKPOINTS[0]:
+            print("WORST", worst)
         if i + 1 in CHECKPOINTS:
             gc.collect()
             blocks[i + 1] = sys.getallocatedblocks()
