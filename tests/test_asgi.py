@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import traceback
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -435,6 +436,7 @@ def test_own_heap_is_bounded_over_50000_requests() -> None:
         history_size=memwatch.Config().window_samples,
         sample_every_requests=10,
         sample_budget_us=10.0,
+        diagnosis="off",
     )
 
     async def receive() -> dict[str, Any]:
@@ -472,3 +474,40 @@ def test_own_heap_is_bounded_over_50000_requests() -> None:
     assert snapshot.requests == CHECKPOINTS[-1]
     assert len(mw.monitor.routes) == mw.config.max_routes
     assert len({key[0] for key in snapshot.counts}) == mw.config.max_routes + 1
+
+
+# --- the same contract while a diagnosis window traces requests -------------------------------
+
+
+@pytest.mark.slow  # the window's analysis (census, holder search) takes seconds
+def test_contract_holds_during_a_diagnosis_window() -> None:
+    # GIVEN a diagnosis window open (requests then run through per-route trampolines)
+    was_tracing = tracemalloc.is_tracing()
+    mw = watch(diagnosis_requests=4)
+    assert mw.monitor.start_diagnosis("test", force=True)
+
+    async def scenario() -> int:
+        # THEN the app's exception still propagates unchanged, with the app's frame
+        with pytest.raises(bare_asgi.AppError, match="bare ASGI") as excinfo:
+            await call_asgi(mw, make_scope("/boom"))
+        assert traceback.extract_tb(excinfo.value.__traceback__)[-1].name == "app"
+        # AND streamed messages are forwarded unchanged
+        scope = make_scope("/stream/200")
+        assert await call_asgi(mw, dict(scope)) == await call_asgi(bare_asgi.app, dict(scope))
+        # AND the window finishes with traffic (bounded)
+        sent = 2
+        while mw.monitor.diagnosis.windows == 0 and sent < 60:
+            await call_asgi(mw, make_scope(f"/users/{sent}"))
+            sent += 1
+        return sent
+
+    try:
+        sent = asyncio.run(scenario())
+        assert mw.monitor.diagnosis.windows == 1
+        assert mw.monitor.diagnosis.window is None
+        assert tracemalloc.is_tracing() == was_tracing
+        assert sum(counts(mw).values()) == sent
+        assert count_by(mw, "outcome")["server_error"] == 1
+    finally:
+        if mw.monitor.diagnosis.window is not None:
+            mw.monitor.diagnosis.abandon()

@@ -234,7 +234,7 @@ APIKEY_SECRET = "mwcanary-apikey-55aa77"
 QUERY_SECRET = "mwcanary-query-0001"
 SESSION_SECRET = "mwcanary-session-8d8d"
 OTHER_SECRET = "mwcanary-negotiate-YIIB"
-PATH_SECRETS = ("mwcanary-path-4b1d93e0aa", "mwcanaryQ0x9Zk3LmP5rT8vW2yB4")
+PATH_SECRETS = ("mwcanary-path-4b1d93e0aa", "mwcanaryQ0x9Zk3LmP5rT8vW2yB4", "mwcanaryQxZvTrWpLmNbKeRt")
 
 
 def canary_requests() -> list[tuple[str, str, dict[str, str]]]:
