@@ -95,13 +95,14 @@ def wrap(
         FastAPI app, any WSGI or ASGI 3 callable).
     :param config: A :class:`Config`; by default built from ``MEMWATCH_*`` environment variables
         and the keyword ``options``.
-    :param options: ``registry=`` and ``signals=`` for the middleware, or any :class:`Config`
-        field.
+    :param options: ``registry=``, ``signals=``, ``on_leak=`` and ``on_clear=`` for the
+        middleware (see :class:`WSGIMiddleware`), or any :class:`Config` field.
     """
-    registry = options.pop("registry", None)
-    signals = options.pop("signals", None)
+    extra = {
+        k: options.pop(k) for k in ("registry", "signals", "on_leak", "on_clear") if k in options
+    }
     cfg = config or Config.from_env(**options)
     protocol = cfg.protocol if cfg.protocol != "auto" else detect_protocol(app)
     if protocol == "asgi":
-        return ASGIMiddleware(app, config=cfg, registry=registry, signals=signals)
-    return WSGIMiddleware(app, config=cfg, registry=registry, signals=signals)
+        return ASGIMiddleware(app, config=cfg, **extra)
+    return WSGIMiddleware(app, config=cfg, **extra)

@@ -12,7 +12,7 @@ from memwatch import html
 from memwatch.config import Config
 from memwatch.endpoints import Endpoints
 from memwatch.exporter import MemwatchCollector, render_metrics
-from memwatch.monitor import Monitor
+from memwatch.monitor import LeakCallback, Monitor
 from memwatch.report import Leak, Report, build_report, leak_of, to_json
 from memwatch.signals import Signals
 
@@ -28,6 +28,8 @@ class Memwatch:
     :param signals: Readings source (a seam for tests and other platforms).
     :param monitor: An existing monitor to share (for example between a WSGI and an ASGI entry
         point of the same process).
+    :param on_leak: Called as ``on_leak(monitor, verdict)`` when a leak is first suspected.
+    :param on_clear: Called as ``on_clear(monitor, verdict)`` when it clears.
     """
 
     def __init__(
@@ -37,9 +39,13 @@ class Memwatch:
         registry: CollectorRegistry | None = None,
         signals: Signals | None = None,
         monitor: Monitor | None = None,
+        on_leak: LeakCallback | None = None,
+        on_clear: LeakCallback | None = None,
     ) -> None:
         self.config = config
-        self.monitor = monitor or Monitor(config, signals=signals)
+        self.monitor = monitor or Monitor(
+            config, signals=signals, on_leak=on_leak, on_clear=on_clear
+        )
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.collector = MemwatchCollector(self.monitor)
         self.registry.register(self.collector)

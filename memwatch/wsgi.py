@@ -29,6 +29,7 @@ if t.TYPE_CHECKING:
     from memwatch._types import Environ, ExcInfo, Headers, StartResponse, WSGIApp
     from memwatch.attribution import Probe
     from memwatch.diagnosis import Tag
+    from memwatch.monitor import LeakCallback
     from memwatch.signals import Signals
 
 
@@ -41,6 +42,8 @@ class WSGIMiddleware:
     :param registry: A prometheus_client registry to add memwatch's collector to.
     :param signals: Readings source (a seam for tests).
     :param memwatch: Share an existing :class:`memwatch.core.Memwatch` instance.
+    :param on_leak: Called as ``on_leak(monitor, verdict)`` when a leak is first suspected.
+    :param on_clear: Called as ``on_clear(monitor, verdict)`` when it clears.
     :param options: Any :class:`memwatch.Config` field, as a keyword.
     """
 
@@ -52,11 +55,15 @@ class WSGIMiddleware:
         registry: CollectorRegistry | None = None,
         signals: Signals | None = None,
         memwatch: Memwatch | None = None,
+        on_leak: LeakCallback | None = None,
+        on_clear: LeakCallback | None = None,
         **options: t.Any,
     ) -> None:
         self.app = app
         self.config = config or (memwatch.config if memwatch else Config.from_env(**options))
-        self.memwatch = memwatch or Memwatch(self.config, registry=registry, signals=signals)
+        self.memwatch = memwatch or Memwatch(
+            self.config, registry=registry, signals=signals, on_leak=on_leak, on_clear=on_clear
+        )
         self.monitor = self.memwatch.monitor
         self._endpoints = self.memwatch.endpoints
         self._enabled = self.config.enabled
