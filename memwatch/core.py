@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 
 from prometheus_client import CollectorRegistry
 
-from memwatch import html
+from memwatch import html, multiprocess
 from memwatch.config import Config
 from memwatch.endpoints import Endpoints
 from memwatch.exporter import MemwatchCollector, render_metrics
 from memwatch.monitor import LeakCallback, Monitor
+from memwatch.multiprocess import Publisher
 from memwatch.report import Leak, Report, build_report, leak_of, to_json
 from memwatch.signals import Signals
 
@@ -47,6 +50,10 @@ class Memwatch:
             config, signals=signals, on_leak=on_leak, on_clear=on_clear
         )
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
+        self._publisher: Publisher | None = None
+        self._publisher_pid = 0
+        if multiprocess.enabled():
+            self.monitor.sample_hooks.append(self._publish_if_due)
         self.collector = MemwatchCollector(self.monitor)
         self.registry.register(self.collector)
         self.endpoints = Endpoints(
@@ -73,8 +80,42 @@ class Memwatch:
     def report(self) -> Report:
         return build_report(self.monitor.snapshot(), now=time.time())
 
+    def publisher(self) -> Publisher | None:
+        """This worker's multiprocess publisher, when PROMETHEUS_MULTIPROC_DIR is set."""
+        if not multiprocess.enabled():
+            return None
+        pid = os.getpid()
+        if self._publisher is None or self._publisher_pid != pid:
+            self._publisher = Publisher(self.monitor)  # per process: made after the fork
+            self._publisher_pid = pid
+            # A worker that goes idle still publishes its last counts within a second.
+            threading.Thread(
+                target=self._publish_loop,
+                args=(self._publisher,),
+                name="memwatch-publish",
+                daemon=True,
+            ).start()
+        return self._publisher
+
+    def _publish_loop(self, publisher: Publisher) -> None:
+        while self._publisher is publisher:
+            time.sleep(multiprocess.PUBLISH_EVERY_SECONDS)
+            try:
+                publisher.maybe_publish()
+            except Exception as exc:
+                self.monitor.errors.record("multiprocess.publish", exc)
+
+    def _publish_if_due(self) -> None:
+        publisher = self.publisher()
+        if publisher is not None:
+            publisher.maybe_publish()
+
     def render_metrics(self, accept: str | None) -> tuple[str, bytes]:
-        return render_metrics(self.registry, accept)
+        publisher = self.publisher()
+        if publisher is None:
+            return render_metrics(self.registry, accept)
+        publisher.publish()
+        return render_metrics(multiprocess.aggregate_registry(), accept)
 
     def log_startup(self, app: object, protocol: str) -> None:
         if not self.config.log_startup:
