@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(results) - len(failed)}/{len(results)} passed in {time.monotonic() - started:.0f} s")
     payload: dict[str, Any] = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "memwatch": _memwatch_state(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "seed": args.seed,
@@ -120,6 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(table + "\n")
     return 1 if failed else 0
+
+
+def _memwatch_state() -> dict[str, str]:
+    """The commit and a digest of memwatch's sources as they were run (the tree may be dirty)."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "memwatch").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        head = ""
+    return {"commit": head, "sources_sha256": digest.hexdigest()[:16]}
 
 
 def _measure(cases: list[Case]) -> int:

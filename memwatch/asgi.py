@@ -23,6 +23,8 @@ from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks, starlette_template
 
 if t.TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from prometheus_client import CollectorRegistry
 
     from memwatch._types import ASGIApp, Message, Receive, Scope, Send
@@ -91,11 +93,14 @@ class ASGIMiddleware:
         status = 0
         tag = self._tag(scope) if monitor.diagnosis.window is not None else None
 
-        async def send_status(message: Message) -> None:
+        # A plain function that returns the server's awaitable, not a coroutine function:
+        # ``await send_status(message)`` then costs one call, not a coroutine object and a
+        # frame per message (two messages per response at least).
+        def send_status(message: Message) -> Awaitable[None]:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             if tag is None:
@@ -139,7 +144,8 @@ class ASGIMiddleware:
                 route = routes.for_path(scope.get("path") or "/")
             auth, credential = self.monitor.auth.from_scope(scope)
             method = scope.get("method") or "GET"
-            label = (route, method_label(method), auth)
+            if tag is not None:
+                label = (route, method_label(method), auth)
             self.monitor.request_exit(route, method, auth, credential, status, entry)
         except Exception as exc:
             self.monitor.errors.record("asgi.finish", exc)

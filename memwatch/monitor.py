@@ -141,6 +141,8 @@ class Monitor:
         self.config = config or Config()
         self.on_leak = on_leak
         self.on_clear = on_clear
+        # Called after each periodic sample, from the sampling thread (multiprocess publishing).
+        self.sample_hooks: list[Callable[[], object]] = []
         self.signals = signals or Signals()
         self.errors = InternalErrors()
         self.routes = RouteTable(self.config.max_routes)
@@ -244,11 +246,14 @@ class Monitor:
     ) -> None:
         """Records a finished request (its response fully sent, or failed)."""
         fingerprint = self._fingerprinter.fingerprint(credential) if credential else None
-        method = method_label(method)
-        key = (route, method, auth, outcome_of(status))
+        # method_label() and outcome_of(), inlined for the common cases: this runs per request.
+        if method not in METHODS:
+            method = "OTHER"
+        key = (route, method, auth, "ok" if status < 400 else outcome_of(status))
         with self._lock:
-            self._counts[key] = self._counts.get(key, 0) + 1
-            self.requests += 1
+            counts = self._counts
+            counts[key] = counts.get(key, 0) + 1
+            self.requests = requests = self.requests + 1
             if fingerprint is not None:
                 sketch = self._sketches.get(auth)
                 if sketch is not None:
@@ -257,7 +262,7 @@ class Monitor:
                     self._note_credential(fingerprint)
             if probe is not None:
                 self._probe_done(probe, (route, method, auth))
-            since = self.requests - self._last_sample_requests
+            since = requests - self._last_sample_requests
         if since >= self._min_interval or (
             since >= self._cost_interval
             and self._clock() - self._last_sample_time >= self.config.sample_every_seconds
@@ -317,6 +322,11 @@ class Monitor:
             self._last_sample_time = sample.time
             self._last_sample_requests = sample.requests
             self._adapt_to_cost()
+            for hook in self.sample_hooks:
+                try:
+                    hook()
+                except Exception as exc:
+                    self.errors.record("sample_hook", exc)
             self._samples_since_eval += 1
             if self._evaluation_due(sample):
                 self.evaluate()

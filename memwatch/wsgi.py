@@ -130,7 +130,8 @@ class WSGIMiddleware:
                 route = routes.for_path(environ.get("PATH_INFO") or "/")
             auth, credential = self.monitor.auth.from_environ(environ)
             method = environ.get("REQUEST_METHOD") or "GET"
-            label = (route, method_label(method), auth)
+            if tag is not None:
+                label = (route, method_label(method), auth)
             self.monitor.request_exit(route, method, auth, credential, code, entry)
         except Exception as exc:
             self.monitor.errors.record("wsgi.finish", exc)

@@ -285,7 +285,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/orders/{order_id:int}", "POST", "bearer"),
             "set.add(asyncio.Task), never discarded",
-            1_535.0,
+            1_500.0,
         ),
     ),
     Case(

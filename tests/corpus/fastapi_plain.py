@@ -1,7 +1,7 @@
 """CLEAN: a plain FastAPI JSON API with several routes and every common auth scheme.
 
-Pydantic models in and out, dependencies for auth, path and query parameters; nothing kept
-between requests.
+Pydantic models in and out, async dependencies for auth, path and query parameters, one sync
+endpoint (run in the thread pool); nothing kept between requests.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class QuoteIn(BaseModel):
     currency: str = "EUR"
 
 
-def bearer_user(request: Request) -> str:
+async def bearer_user(request: Request) -> str:
     token = common.bearer_of(request.headers.get("authorization"))
     claims = common.decode_token(token) if token else None
     if claims is None:
@@ -39,20 +39,20 @@ def bearer_user(request: Request) -> str:
     return str(claims["sub"])
 
 
-def api_client(x_api_key: str | None = Header(default=None)) -> str:
+async def api_client(x_api_key: str | None = Header(default=None)) -> str:
     if not common.api_key_valid(x_api_key):
         raise HTTPException(status_code=401)
     return str(x_api_key)[:8]
 
 
-def session_user(request: Request) -> str:
+async def session_user(request: Request) -> str:
     sid = common.session_from_cookie(request.headers.get("cookie"))
     if not common.session_valid(sid):
         raise HTTPException(status_code=401)
     return str(sid)[:8]
 
 
-def basic_user(request: Request) -> str:
+async def basic_user(request: Request) -> str:
     parsed = common.parse_basic(request.headers.get("authorization"))
     if parsed is None or not common.basic_valid(*parsed):
         raise HTTPException(status_code=401)

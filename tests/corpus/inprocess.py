@@ -3,7 +3,8 @@ much each app really retains.
 
 The corpus's :class:`tests.corpus.traffic.Traffic` makes the requests; a minimal PEP 3333 driver
 (environ built, body iterated, ``close()`` called, which is where memwatch records) or ASGI driver
-(one event loop, ``await app(scope, receive, send)``) hands them to the app. Both run in a child
+(one task on one event loop, ``await app(scope, receive, send)`` per request) hands them to the
+app. Both run in a child
 process per case (``python -m tests.corpus.inprocess``) so that each app has its own heap and its
 own memwatch, as under a server, and two Django settings never meet.
 
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,93 +68,99 @@ def _environ(request: Request) -> dict[str, Any]:
     return environ
 
 
-class WSGIDriver:
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    def __call__(self, request: Request) -> tuple[int, bytes]:
-        status: list[str] = []
-
-        def start_response(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-            status.append(line)
-            return lambda data: None
-
-        result: Iterable[bytes] = self.app(_environ(request), start_response)
-        try:
-            body = b"".join(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        return int(status[-1][:3]), body
-
-    def close(self) -> None:
-        pass
+Script = Generator[Request, tuple[int, bytes], dict[str, Any]]
 
 
-class ASGIDriver:
-    """Runs requests one after another on one event loop (kept between calls)."""
+def _call_wsgi(app: Any, request: Request) -> tuple[int, bytes]:
+    status: list[str] = []
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.loop = asyncio.new_event_loop()
+    def start_response(
+        line: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        status.append(line)
+        return lambda data: None
 
-    def __call__(self, request: Request) -> tuple[int, bytes]:
-        return self.loop.run_until_complete(self._one(request))
-
-    async def _one(self, request: Request) -> tuple[int, bytes]:
-        url = urlsplit(request.path)
-        body = request.body or b""
-        sent = False
-        status = 0
-        chunks: list[bytes] = []
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.sleep(3600)  # a client that stays connected
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": request.method,
-            "scheme": "http",
-            "path": url.path,
-            "raw_path": url.path.encode(),
-            "query_string": url.query.encode(),
-            "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8000),
-        }
-        await self.app(scope, receive, send)
-        return status, b"".join(chunks)
-
-    def close(self) -> None:
-        self.loop.run_until_complete(asyncio.sleep(0))
-        self.loop.close()
+    result: Iterable[bytes] = app(_environ(request), start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return int(status[-1][:3]), body
 
 
-def driver_for(app: Any) -> WSGIDriver | ASGIDriver:
+async def _call_asgi(app: Any, request: Request) -> tuple[int, bytes]:
+    url = urlsplit(request.path)
+    body = request.body or b""
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # a client that stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": url.path,
+        "raw_path": url.path.encode(),
+        "query_string": url.query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+def run_script(app: Any, script: Script) -> dict[str, Any]:
+    """Feeds the requests ``script`` yields to ``app``, sending each response back into it.
+
+    An ASGI app runs the whole script inside one task of one event loop, as under a server
+    (anyio's worker threads, which FastAPI uses for sync endpoints and dependencies, live as
+    long as that task).
+    """
     import memwatch
 
-    protocol = memwatch.detect_protocol(app)
-    return ASGIDriver(app) if protocol == "asgi" else WSGIDriver(app)
+    if memwatch.detect_protocol(app) == "wsgi":
+        try:
+            request = next(script)
+            while True:
+                request = script.send(_call_wsgi(app, request))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def main() -> dict[str, Any]:
+        try:
+            request = next(script)
+            while True:
+                request = script.send(await _call_asgi(app, request))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    return asyncio.run(main())
 
 
 def _get(path: str) -> Request:
-    return Request("GET", path, {"Host": "127.0.0.1", "Accept": "application/json"}, None, ("", "GET", "anonymous"), False)
+    headers = {"Host": "127.0.0.1", "Accept": "application/json"}
+    return Request("GET", path, headers, None, ("", "GET", "anonymous"), False)
 
 
 def _check(request: Request, status: int) -> bool:
@@ -166,21 +173,23 @@ def _check(request: Request, status: int) -> bool:
 def soak(case: Case, requests: int, seed: int) -> dict[str, Any]:
     """``requests`` requests through the wrapped app; every poll's verdict."""
     module = importlib.import_module(f"tests.corpus.{case.name}")
-    drive = driver_for(module.app)
+    return run_script(module.app, _soak_script(case, requests, seed))
+
+
+def _soak_script(case: Case, requests: int, seed: int) -> Script:
     traffic = Traffic(case, seed=seed)
     polls: list[dict[str, Any]] = []
     unexpected = 0
     start = time.monotonic()
     for n in range(1, requests + 1):
         request = traffic.next()
-        status, _ = drive(request)
+        status, _ = yield request
         unexpected += not _check(request, status)
         if n % SOAK_POLL_EVERY == 0 or n == requests:
-            status, body = drive(_get("/memwatch/report.json"))
+            _, body = yield _get("/memwatch/report.json")
             poll = poll_from_report(json.loads(body), n, time.monotonic() - start)
             polls.append(poll.brief())
-    _, metrics = drive(_get("/metrics"))
-    drive.close()
+    _, metrics = yield _get("/metrics")
     flagged = [p for p in polls if p["suspected"]]
     return {
         "case": case.name,
@@ -206,25 +215,27 @@ def measure(case: Case, warmup: int, requests: int, seed: int) -> dict[str, Any]
     """
     module = importlib.import_module(f"tests.corpus.{case.name}")
     app = getattr(module.app, "app", module.app)  # memwatch's middleware keeps the app in .app
-    drive = driver_for(app)
+    return run_script(app, _measure_script(case, warmup, requests, seed))
+
+
+def _measure_script(case: Case, warmup: int, requests: int, seed: int) -> Script:
     traffic = Traffic(case, seed=seed)
     for _ in range(warmup):
-        drive(traffic.next())
+        yield traffic.next()
     leak_key = case.leak.route if case.leak else None
     tracemalloc.start(1)
     for _ in range(requests):
-        drive(traffic.next())
+        yield traffic.next()
     gc.collect()
     before = tracemalloc.get_traced_memory()[0]
     on_route = 0
     for _ in range(requests):
         request = traffic.next()
-        drive(request)
+        yield request
         on_route += request.key == leak_key
     gc.collect()
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    drive.close()
     return {
         "case": case.name,
         "requests": requests,
