@@ -79,6 +79,7 @@ def _chart(title: str, points: Sequence[HistoryPoint], attr: str, unit: str) -> 
 _SITE_HEAD = (
     "<th>Site</th><th class=num>Growth</th><th class=num>Objects</th><th>Traceback</th>"
 )
+_TYPE_HEAD = "<th>Type</th><th class=num>Objects gained</th>"
 _ROOT_HEAD = (
     "<th>Holder</th><th>Type</th><th class=num>Length</th><th class=num>Growth</th>"
     "<th>Advice</th>"
@@ -140,6 +141,22 @@ def render(report: Report) -> str:
         for r in report.roots
     )
     none = '<p class="muted">None yet: a diagnosis window fills this in.</p>'
+    type_rows = "".join(
+        f"<tr><td><code>{escape(t.type)}</code></td><td class=num>+{t.growth:,}</td></tr>"
+        for t in report.types
+    )
+    diag = report.diagnosis
+    if diag is not None and diag.last_started:
+        diag_line = (
+            f"{diag.windows} window(s); last {escape(diag.last_started)} "
+            f"({escape(diag.last_reason or '')}): {diag.last_requests or 0:,} requests in "
+            f"{diag.last_duration_seconds or 0:.1f} s, {diag.frames} frames per traceback"
+            + (" · a window is running now" if diag.active else "")
+        )
+    elif diag is not None and diag.active:
+        diag_line = "A diagnosis window is running now."
+    else:
+        diag_line = "No diagnosis window has run yet."
     charts = _chart("Resident memory (RSS)", report.history, "rss_bytes", "bytes") + _chart(
         "Python heap (blocks)", report.history, "heap_blocks", "count"
     )
@@ -161,6 +178,9 @@ def render(report: Report) -> str:
 {_table("sites", _SITE_HEAD, sites) if sites else none}
 <h2>Holders</h2>
 {_table("roots", _ROOT_HEAD, roots) if roots else none}
+<h2>Object types that grew</h2>
+{_table("types", _TYPE_HEAD, type_rows) if type_rows else none}
+<p class="muted" id="diagnosis">{diag_line}</p>
 <p class="muted">memwatch {escape(report.version)}</p>
 </main></body></html>
 """
