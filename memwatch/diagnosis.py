@@ -163,6 +163,7 @@ class Window:
         self.requests_at_start = requests_at_start
         self.half = 1
         self.tagging = True
+        self.busy = False  # a snapshot is being taken on the diagnosis thread
         self.inflight = 0
         self.tagged_requests = 0
         self._tagged_in_half = 0
@@ -221,7 +222,7 @@ class Window:
 
     def ready(self) -> bool:
         """Drained: no tagged request is still running (or it has waited long enough)."""
-        if self.tagging:
+        if self.tagging or self.busy:
             return False
         overdue = time.monotonic() - self.started > 2 * self.config.diagnosis_seconds + 30
         return self.inflight <= 0 or overdue
@@ -410,7 +411,9 @@ class Diagnosis:
         self.windows = 0
         self.busy_seconds = 0.0
         self._not_before = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.on_result: Callable[[DiagnosisResult], object] | None = None
+        self.on_error: Callable[[BaseException], object] | None = None
 
     def can_start(self) -> bool:
         return self.window is None and time.monotonic() >= self._not_before
@@ -433,26 +436,50 @@ class Diagnosis:
             self.config.diagnosis_duty_cycle
         )
 
-    def step(self, requests: int) -> DiagnosisResult | None:
-        """Advance the running window; returns its result when it finishes."""
+    def step(self, requests: int) -> None:
+        """Advances the running window. The snapshots and the analysis run on a thread of
+        their own, so that no request waits for them; ``on_result`` gets the result."""
         window = self.window
         if window is None:
-            return None
+            return
         if window.tagging and window.should_drain():
             window.tagging = False
-        if not window.ready():
-            return None
-        if window.half == 1:
-            window.checkpoint()
-            return None
         with self._lock:
-            if self.window is not window:
-                return None
+            if self.window is not window or window.busy or not window.ready():
+                return
+            window.busy = True
+        target = self._checkpoint if window.half == 1 else self._finish
+        threading.Thread(
+            target=target, args=(window,), name="memwatch-diagnosis", daemon=True
+        ).start()
+
+    def _checkpoint(self, window: Window) -> None:
+        try:
+            window.checkpoint()
+        except Exception as exc:
+            self._failed(window, exc)
+        finally:
+            window.busy = False
+
+    def _finish(self, window: Window) -> None:
+        try:
+            result = window.finish()
+        except Exception as exc:
+            self._failed(window, exc)
+            return
+        with self._lock:
             self.window = None
-        result = window.finish()
-        self.windows += 1
-        self.busy_seconds += result.duration_seconds
-        pause = result.duration_seconds / self.config.diagnosis_duty_cycle
-        self._not_before = time.monotonic() + max(pause - result.duration_seconds, 0.0)
-        self.last = result
-        return result
+            self.windows += 1
+            self.busy_seconds += result.duration_seconds
+            pause = result.duration_seconds / self.config.diagnosis_duty_cycle
+            self._not_before = time.monotonic() + max(pause - result.duration_seconds, 0.0)
+            self.last = result
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def _failed(self, window: Window, exc: BaseException) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
+        with self._lock:
+            if self.window is window:
+                self.abandon()

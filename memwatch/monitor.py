@@ -8,7 +8,6 @@ runs on a sample of requests, at a rate derived from its measured cost.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import os
@@ -35,7 +34,7 @@ from memwatch.detector import Detector, Verdict
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag
 from memwatch.errors import InternalErrors, logger
 from memwatch.routes import RouteTable, normalize_path
-from memwatch.signals import Sample, Signals
+from memwatch.signals import Sample, SampleRing, Signals
 from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
 
 LeakCallback = Callable[["Monitor", Verdict], object]
@@ -171,14 +170,14 @@ class Monitor:
         self.attribution = {channel: RouteAttribution() for channel in CHANNELS}
         self.detector = Detector(self.config)
         self.diagnosis = Diagnosis(self.config)
+        self.diagnosis.on_result = self._diagnosed
+        self.diagnosis.on_error = lambda exc: self.errors.record("diagnosis.finish", exc)
         self.route_estimates: list[RouteEstimate] = []
         self.scales_with: str | None = None
         self._samples_since_eval = 0
         self._requests_at_eval = 0
         self._eval_cost_us = 0.0
-        self.history: collections.deque[Sample] = collections.deque(
-            maxlen=self.config.history_size
-        )
+        self.history = SampleRing(self.config.history_size)
         self._last_sample_time = self._clock()
         self._last_sample_requests = 0
         self._min_interval = self.config.sample_every_requests
@@ -429,15 +428,10 @@ class Monitor:
         window.tagging = False
         if window.ready():
             try:
-                result = diagnosis.step(self.requests)
+                diagnosis.step(self.requests)  # the snapshots run on the diagnosis thread
             except Exception as exc:
-                self.errors.record("diagnosis.finish", exc)
+                self.errors.record("diagnosis.step", exc)
                 diagnosis.abandon()
-                return None
-            if result is not None:
-                self._diagnosed(result)
-            elif window.tagging:  # the checkpoint between the halves was taken
-                return window.tag_for((normalize_path(path), method_label(method), auth))
         return None
 
     def _diagnosed(self, result: DiagnosisResult) -> None:

@@ -15,6 +15,7 @@ Costs (Python 3.11, measured on the project's machines; see docs/performance.md)
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import gc
@@ -22,7 +23,7 @@ import os
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 psutil: Any
@@ -45,6 +46,86 @@ class Sample:
     gc_collections: tuple[int, ...]  # collections so far, per generation
     traced_bytes: int | None  # tracemalloc's current traced size, when tracing
     first_seen: int = 0  # credentials seen for the first time so far (estimated)
+
+
+class SampleRing:
+    """The last ``capacity`` samples, stored column-wise in preallocated arrays.
+
+    A ring of Sample objects would grow memwatch's own heap by a few blocks per sample until it
+    filled (about 100,000 requests at default settings), which its own detector would see.
+    Arrays of machine numbers allocate nothing per sample; Samples are built when read.
+    """
+
+    _INT_FIELDS = (
+        "requests",
+        "rss_bytes",
+        "heap_blocks",
+        "gc_pending",
+        "traced_bytes",
+        "first_seen",
+    )
+    _GENERATIONS = 3
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._times = array.array("d", bytes(8 * capacity))
+        self._walls = array.array("d", bytes(8 * capacity))
+        self._ints = {name: array.array("q", bytes(8 * capacity)) for name in self._INT_FIELDS}
+        self._gcs = array.array("q", bytes(8 * capacity * self._GENERATIONS))
+        self._ngcs = array.array("b", bytes(capacity))
+        self._start = 0
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def clear(self) -> None:
+        self._start = self._len = 0
+
+    def append(self, sample: Sample) -> None:
+        i = (self._start + self._len) % self.capacity
+        if self._len < self.capacity:
+            self._len += 1
+        else:
+            self._start = (self._start + 1) % self.capacity
+        self._times[i] = sample.time
+        self._walls[i] = sample.wall
+        for name, column in self._ints.items():
+            value = getattr(sample, name)
+            column[i] = -1 if value is None else value
+        gens = sample.gc_collections[: self._GENERATIONS]
+        self._ngcs[i] = len(gens)
+        for g, value in enumerate(gens):
+            self._gcs[i * self._GENERATIONS + g] = value
+
+    def _at(self, i: int) -> Sample:
+        ints = {name: column[i] for name, column in self._ints.items()}
+        for name in ("rss_bytes", "heap_blocks", "traced_bytes"):
+            if ints[name] < 0:
+                ints[name] = None  # type: ignore[assignment]
+        base = i * self._GENERATIONS
+        return Sample(
+            time=self._times[i],
+            wall=self._walls[i],
+            requests=ints["requests"],
+            rss_bytes=ints["rss_bytes"],
+            heap_blocks=ints["heap_blocks"],
+            gc_pending=ints["gc_pending"],
+            gc_collections=tuple(self._gcs[base : base + self._ngcs[i]]),
+            traced_bytes=ints["traced_bytes"],
+            first_seen=ints["first_seen"],
+        )
+
+    def __getitem__(self, index: int) -> Sample:
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("sample index out of range")
+        return self._at((self._start + index) % self.capacity)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for k in range(self._len):
+            yield self._at((self._start + k) % self.capacity)
 
 
 class Signals:

@@ -198,7 +198,15 @@ class _Response:
         return self._start_response(status, headers, exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self.iterable)
+        # A body that fails half-way was a 200 at start_response: the failure makes it a server
+        # error, as on ASGI. A plain loop, not ``yield from``: closing this generator must not
+        # close the app's iterator a second time (close() forwards the app's close() once).
+        try:
+            for chunk in self.iterable:  # noqa: UP028 - see above: not yield from
+                yield chunk
+        except Exception:
+            self.status = "500"
+            raise
 
     def finish(self) -> None:
         if not self.closed:

@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import sys
+import time
 import traceback
 import tracemalloc
 from typing import Any
@@ -495,10 +496,14 @@ def test_contract_holds_during_a_diagnosis_window() -> None:
         scope = make_scope("/stream/200")
         assert await call_asgi(mw, dict(scope)) == await call_asgi(bare_asgi.app, dict(scope))
         # AND the window finishes with traffic (bounded)
+        # (the snapshots and the analysis run on the diagnosis thread: traffic drives the
+        # window's phases, the thread finishes them)
         sent = 2
-        while mw.monitor.diagnosis.windows == 0 and sent < 60:
+        deadline = time.monotonic() + 60
+        while mw.monitor.diagnosis.windows == 0 and time.monotonic() < deadline:
             await call_asgi(mw, make_scope(f"/users/{sent}"))
             sent += 1
+            await asyncio.sleep(0.01)
         return sent
 
     try:

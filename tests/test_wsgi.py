@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import sys
+import time
 import traceback
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
@@ -218,6 +219,66 @@ def test_close_error_of_the_app_propagates_and_the_request_is_counted() -> None:
     assert excinfo.value is failure
     result.close()  # type: ignore[attr-defined]  # a second close is a no-op
     assert counts(mw) == {("/c", "GET", "anonymous", "ok"): 1}
+
+
+def test_exception_in_the_middle_of_the_body_counts_as_server_error() -> None:
+    # The app started a 200 response, then its body generator failed: the server sees the
+    # exception while iterating and closes the body. Same outcome as on ASGI: server_error.
+    failure = ConnectionAbortedError("database went away")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"first"
+        raise failure
+
+    mw = watch(app)
+    result = mw(make_environ("/report/9"), lambda s, h, e=None: None)
+    chunks = []
+    with pytest.raises(ConnectionAbortedError) as excinfo:
+        for chunk in result:
+            chunks.append(chunk)
+    result.close()  # type: ignore[attr-defined]
+    assert excinfo.value is failure
+    assert chunks == [b"first"]
+    assert counts(mw) == {("/report/{id}", "GET", "anonymous", "server_error"): 1}
+
+
+class SelfIteratingBody:
+    """A body that is its own iterator and has close() (like werkzeug.wsgi.ClosingIterator)."""
+
+    def __init__(self) -> None:
+        self.left = 100
+        self.close_calls = 0
+
+    def __iter__(self) -> SelfIteratingBody:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.left == 0:
+            raise StopIteration
+        self.left -= 1
+        return b"x"
+
+    def close(self) -> None:
+        self.close_calls += 1
+
+
+def test_self_iterating_body_closed_once_when_abandoned_mid_stream() -> None:
+    body = SelfIteratingBody()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return body
+
+    mw = watch(app)
+    result = mw(make_environ("/abandoned"), lambda s, h, e=None: None)
+    iterator = iter(result)
+    assert next(iterator) == b"x"
+    result.close()  # type: ignore[attr-defined]  # the client went away
+    del iterator, result  # the server drops its references
+    gc.collect()
+    assert body.close_calls == 1
+    assert counts(mw) == {("/abandoned", "GET", "anonymous", "ok"): 1}
 
 
 def test_file_wrapper_is_passed_through_for_sendfile() -> None:
@@ -481,10 +542,14 @@ def test_contract_holds_during_a_diagnosis_window() -> None:
         result.close()  # type: ignore[attr-defined]
         assert bare_wsgi.BODIES[0].close_calls == 1
         # AND the window finishes with traffic (bounded), leaving tracing as it found it
+        # (the snapshots and the analysis run on the diagnosis thread: traffic drives the
+        # window's phases, the thread finishes them)
         sent = 3
-        while mw.monitor.diagnosis.windows == 0 and sent < 60:
+        deadline = time.monotonic() + 60
+        while mw.monitor.diagnosis.windows == 0 and time.monotonic() < deadline:
             get(mw, f"/users/{sent}")
             sent += 1
+            time.sleep(0.01)
         assert mw.monitor.diagnosis.windows == 1
         assert mw.monitor.diagnosis.window is None
         assert tracemalloc.is_tracing() == was_tracing
