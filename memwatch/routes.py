@@ -41,6 +41,34 @@ _WORDISH = re.compile(r"[A-Za-z][A-Za-z_\-.]*[0-9]{0,2}")
 _LONG_WORD = re.compile(r"[A-Za-z][A-Za-z_\-.]*")
 
 
+_VOWELS = frozenset("aeiouyAEIOUY")
+
+
+def _looks_random(segment: str) -> bool:
+    """A long single-case run of letters that reads like a random token, not words.
+
+    Words (and slugs of words) have about 35-45 % vowels and short consonant runs; random
+    letters have about 23 % vowels (with y) and long runs. Either sign (under 28 % vowels, or
+    five consonants in a row) in any part of 10 letters or more marks a token. Measured on
+    random lowercase strings: 15 % of 16-letter ones and 3 % of 32-letter ones still pass for
+    words; a few real words become ``{token}`` ("strengthening", "healthchecks"). Labels leak
+    less this way; the route cap and framework templates are the other guards.
+    """
+    for part in re.split(r"[-_.]", segment):
+        if len(part) < 10:
+            continue
+        vowels = sum(1 for c in part if c in _VOWELS)
+        if vowels < 0.28 * len(part):
+            return True
+        run = longest = 0
+        for c in part:
+            run = 0 if c in _VOWELS else run + 1
+            longest = max(longest, run)
+        if longest >= 5:
+            return True
+    return False
+
+
 def normalize_segment(segment: str) -> str:
     """One path segment, with identifiers and secrets replaced by placeholders."""
     if not segment:
@@ -65,7 +93,8 @@ def normalize_segment(segment: str) -> str:
         if _WORDISH.fullmatch(segment):
             return segment
     elif _LONG_WORD.fullmatch(segment) and (segment.islower() or segment.isupper()):
-        return segment  # long words carry no digits: "v2", "page10" are short
+        # Long words carry no digits ("v2", "page10" are short); random letters are a token.
+        return "{token}" if _looks_random(segment) else segment
     if len(segment) >= 8 and _TOKENISH.fullmatch(segment):
         has_digit = any(c.isdigit() for c in segment)
         if has_digit or not (segment.islower() or segment.isupper()):

@@ -232,3 +232,18 @@ def test_route_table_is_thread_safe() -> None:
     # AND every __other__ answer was counted once
     others = sum(label == OTHER for result in results for _, label in result)
     assert table.overflowed == others > 0
+
+
+def test_random_lowercase_tokens_rarely_pass_for_words() -> None:
+    # GIVEN 16-letter random lowercase tokens in a path (seeded)
+    import random
+    import string
+
+    rng = random.Random(20261123)
+    tokens = ["".join(rng.choice(string.ascii_lowercase) for _ in range(16)) for _ in range(2000)]
+    # WHEN they are normalised
+    kept = [t for t in tokens if normalize_segment(t) == t]
+    # THEN most become placeholders (about 15 % still read like words), and words stay
+    assert len(kept) / len(tokens) < 0.25
+    for word in ("authentication", "notifications", "password-reset", "recommendations"):
+        assert normalize_segment(word) == word
