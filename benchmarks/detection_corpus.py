@@ -60,7 +60,11 @@ def markdown(cases: list[Case], results: list[CaseResult]) -> str:
     ]
     for case, r in zip(cases, results, strict=True):
         if case.leak is None:
-            detect = "not flagged" if r.first_flagged is None else f"**false alarm at {r.first_flagged}**"
+            detect = (
+                "not flagged"
+                if r.first_flagged is None
+                else f"**false alarm at {r.first_flagged}**"
+            )
         elif r.detected is not None:
             detect = f"{r.detected:,}"
         elif r.first_flagged is not None:
@@ -107,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     failed = [r.case for r in results if not r.passed]
-    print(f"\n{len(results) - len(failed)}/{len(results)} passed in {time.monotonic() - started:.0f} s")
+    print(
+        f"\n{len(results) - len(failed)}/{len(results)} passed in {time.monotonic() - started:.0f} s"
+    )
     payload: dict[str, Any] = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "memwatch": _memwatch_state(),
@@ -132,7 +138,11 @@ def _memwatch_state() -> dict[str, str]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.strip()
     except OSError:
         head = ""
@@ -140,14 +150,18 @@ def _memwatch_state() -> dict[str, str]:
 
 
 def _measure(cases: list[Case]) -> int:
-    print("| case | leaking route | retained B per leaking-route request | retained B per request (all) |")
-    print("|---|---|---|---|")
+    print(
+        "| case | leaking route | retained B per leaking-route request "
+        "| retained B per request (all) | heap blocks per request |"
+    )
+    print("|---|---|---|---|---|")
     for case in cases:
         m = inprocess.measure_in_subprocess(case)
         per_route = m.get("bytes_per_leaking_request")
         print(
             f"| {case.name} | {_route(case.leak.route if case.leak else None)} "
-            f"| {'—' if per_route is None else f'{per_route:.0f}'} | {m['bytes_per_request']:.1f} |",
+            f"| {'—' if per_route is None else f'{per_route:.0f}'} | {m['bytes_per_request']:.1f} "
+            f"| {m['blocks_per_request']:.3f} |",
             flush=True,
         )
     return 0

@@ -493,9 +493,9 @@ def table(results: Sequence[Result]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--requests", type=int, default=2000, help="requests per batch")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per batch")
     parser.add_argument(
-        "--batches", type=int, default=40, help="measured batches per variant (bare, wrapped)"
+        "--batches", type=int, default=80, help="measured rounds (one bare and one wrapped batch each)"
     )
     parser.add_argument(
         "--extra-objects",

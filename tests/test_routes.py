@@ -239,6 +239,8 @@ def test_random_lowercase_tokens_rarely_pass_for_words() -> None:
     import random
     import string
 
+    from memwatch.routes import normalize_segment
+
     rng = random.Random(20261123)
     tokens = ["".join(rng.choice(string.ascii_lowercase) for _ in range(16)) for _ in range(2000)]
     # WHEN they are normalised

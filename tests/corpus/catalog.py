@@ -196,7 +196,9 @@ CASES: tuple[Case, ...] = (
         routes=(
             RouteSpec("/accounts/{id}", "GET", "bearer", 0.34, "/accounts/{n}"),
             RouteSpec("/login", "POST", "basic", 0.20, "/login", body=True, reject_share=0.4),
-            RouteSpec("/accounts/{id}/statements", "GET", "bearer", 0.18, "/accounts/{n}/statements"),
+            RouteSpec(
+                "/accounts/{id}/statements", "GET", "bearer", 0.18, "/accounts/{n}/statements"
+            ),
             RouteSpec("/session/refresh", "POST", "session", 0.16, "/session/refresh", body=True),
             RouteSpec("/status", "GET", "anonymous", 0.12, "/status"),
         ),
@@ -254,11 +256,15 @@ CASES: tuple[Case, ...] = (
         clients=1,
         description="leak on a route with a tenth of the traffic",
         routes=(
-            RouteSpec("api/products/", "GET", "anonymous", 0.24, "/api/products/?page={n}", ids=(1, 50)),
+            RouteSpec(
+                "api/products/", "GET", "anonymous", 0.24, "/api/products/?page={n}", ids=(1, 50)
+            ),
             RouteSpec("api/products/<int:pk>/", "GET", "anonymous", 0.20, "/api/products/{n}/"),
             RouteSpec("api/cart/", "GET", "session", 0.14, "/api/cart/"),
             RouteSpec("api/invoices/", "GET", "bearer", 0.12, "/api/invoices/"),
-            RouteSpec("api/invoices/<int:pk>/pdf/", "GET", "bearer", 0.10, "/api/invoices/{n}/pdf/"),
+            RouteSpec(
+                "api/invoices/<int:pk>/pdf/", "GET", "bearer", 0.10, "/api/invoices/{n}/pdf/"
+            ),
             RouteSpec("api/cart/", "POST", "session", 0.08, "/api/cart/", body=True),
             RouteSpec("api/stock/", "GET", "apikey", 0.07, "/api/stock/"),
             RouteSpec("health/", "GET", "anonymous", 0.05, "/health/"),
@@ -361,10 +367,17 @@ CASES: tuple[Case, ...] = (
         routes=(
             RouteSpec("articles/<int:pk>/", "GET", "anonymous", 0.35, "/articles/{n}/"),
             RouteSpec("articles/", "GET", "anonymous", 0.20, "/articles/"),
-            RouteSpec("articles/<int:pk>/comments/", "GET", "session", 0.15, "/articles/{n}/comments/"),
+            RouteSpec(
+                "articles/<int:pk>/comments/", "GET", "session", 0.15, "/articles/{n}/comments/"
+            ),
             RouteSpec("stats/", "GET", "bearer", 0.12, "/stats/"),
             RouteSpec(
-                "articles/<int:pk>/comments/", "POST", "session", 0.10, "/articles/{n}/comments/", body=True
+                "articles/<int:pk>/comments/",
+                "POST",
+                "session",
+                0.10,
+                "/articles/{n}/comments/",
+                body=True,
             ),
             RouteSpec("health/", "GET", "anonymous", 0.08, "/health/"),
         ),

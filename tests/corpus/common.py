@@ -120,7 +120,7 @@ def api_key(n: int) -> str:
 def api_key_valid(key: str | None) -> bool:
     if not key or not key.startswith("ak_"):
         return False
-    _, n, mac = (key.split("_") + ["", ""])[:3]
+    _, n, mac = [*key.split("_"), "", ""][:3]
     return n.isdigit() and hmac.compare_digest(mac, _mac(f"apikey:{int(n)}"))
 
 

@@ -26,15 +26,15 @@ if not settings.configured:
     )
     django.setup()
 
-import threading  # noqa: E402
+import threading
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402
-from django.db import connection, connections  # noqa: E402
-from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
-from django.urls import path  # noqa: E402
+from django.core.wsgi import get_wsgi_application
+from django.db import connection, connections
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import path
 
-import memwatch  # noqa: E402
-from tests.corpus import common  # noqa: E402
+import memwatch
+from tests.corpus import common
 
 AUDIT_QUERIES_PER_REQUEST = 8
 _audit_db = threading.local()

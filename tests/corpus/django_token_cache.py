@@ -24,14 +24,14 @@ if not settings.configured:
     )
     django.setup()
 
-from typing import Any  # noqa: E402
+from typing import Any
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402
-from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
-from django.urls import include, path  # noqa: E402
+from django.core.wsgi import get_wsgi_application
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import include, path
 
-import memwatch  # noqa: E402
-from tests.corpus import common  # noqa: E402
+import memwatch
+from tests.corpus import common
 
 # token -> decoded claims. "Decoding is expensive, tokens are reused": true, and unbounded.
 _CLAIMS_BY_TOKEN: dict[str, dict[str, Any]] = {}

@@ -54,7 +54,9 @@ async def create_payment(
 
 
 @fastapi_app.get("/payments/{payment_id}")
-async def get_payment(payment_id: int, x_api_key: str | None = Header(default=None)) -> dict[str, object]:
+async def get_payment(
+    payment_id: int, x_api_key: str | None = Header(default=None)
+) -> dict[str, object]:
     if not common.api_key_valid(x_api_key):
         raise HTTPException(status_code=401)
     return {"id": payment_id, "state": "settled"}

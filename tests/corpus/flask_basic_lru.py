@@ -15,9 +15,11 @@ from tests.corpus import common, reports_base
 
 @functools.lru_cache(maxsize=128)
 def _authenticate(user: str, password: str) -> dict[str, str] | None:
-    return {"user": user, "display": user.replace("-", " ").title()} if common.basic_valid(
-        user, password
-    ) else None
+    return (
+        {"user": user, "display": user.replace("-", " ").title()}
+        if common.basic_valid(user, password)
+        else None
+    )
 
 
 flask_app = reports_base.create_app(_authenticate, audited=set())

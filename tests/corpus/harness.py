@@ -94,7 +94,9 @@ def run_case(
             label=case.name,
         )
         status, body = fetch(server.port, "/metrics")
-        alerts = metric_value(body.decode(), "memwatch_leak_alerts_total") if status == 200 else None
+        alerts = (
+            metric_value(body.decode(), "memwatch_leak_alerts_total") if status == 200 else None
+        )
         report_status, report_body = fetch(server.port, "/memwatch/report.json")
         history: list[dict[str, Any]] = []
         if report_status == 200:

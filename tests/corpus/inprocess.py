@@ -10,8 +10,9 @@ own memwatch, as under a server, and two Django settings never meet.
 
 - ``soak``: the wrapped app at default settings, ``/memwatch/report.json`` read through the app
   every 500 requests and the alert counter from ``/metrics`` at the end.
-- ``measure``: the *unwrapped* app under tracemalloc after a warm-up: retained bytes per request,
-  and per request of the leaking route (the figure in the catalogue).
+- ``measure``: the *unwrapped* app after a warm-up: retained heap blocks per request and, under
+  tracemalloc, retained bytes per request and per request of the leaking route (the figure in the
+  catalogue).
 
 Prints one JSON object on its last line.
 """
@@ -205,28 +206,33 @@ def _soak_script(case: Case, requests: int, seed: int) -> Script:
 # --- measure ---------------------------------------------------------------------------------
 
 
-def measure(case: Case, warmup: int, requests: int, seed: int) -> dict[str, Any]:
-    """Bytes the unwrapped app retains per request after ``warmup`` requests (tracemalloc).
+def measure(case: Case, warmup: int, requests: int, seed: int, *, traced: bool) -> dict[str, Any]:
+    """What the unwrapped app retains per request after ``warmup`` requests.
 
-    Tracing starts after the warm-up and growth is taken between two later points, ``requests``
-    apart: bounded structures that churn (an LRU cache, a capped deque) replace objects made
-    before tracing with traced ones during the first stretch, which would otherwise count as
-    growth.
+    Always the Python heap-block count (``sys.getallocatedblocks()`` after a full collection:
+    cheap, exact for small objects, blind to buffers above 512 bytes); with ``traced`` also the
+    bytes tracemalloc sees, which is what the catalogue's leak sizes are.
+
+    Growth is taken between two points ``requests`` apart, after a first stretch of ``requests``:
+    bounded structures that churn (an LRU cache, a capped deque) replace objects made before
+    tracing with traced ones during that first stretch, which would otherwise count as growth.
     """
     module = importlib.import_module(f"tests.corpus.{case.name}")
     app = getattr(module.app, "app", module.app)  # memwatch's middleware keeps the app in .app
-    return run_script(app, _measure_script(case, warmup, requests, seed))
+    return run_script(app, _measure_script(case, warmup, requests, seed, traced))
 
 
-def _measure_script(case: Case, warmup: int, requests: int, seed: int) -> Script:
+def _measure_script(case: Case, warmup: int, requests: int, seed: int, traced: bool) -> Script:
     traffic = Traffic(case, seed=seed)
     for _ in range(warmup):
         yield traffic.next()
     leak_key = case.leak.route if case.leak else None
-    tracemalloc.start(1)
-    for _ in range(requests):
-        yield traffic.next()
+    if traced:
+        tracemalloc.start(1)
+        for _ in range(requests):
+            yield traffic.next()
     gc.collect()
+    blocks = sys.getallocatedblocks()
     before = tracemalloc.get_traced_memory()[0]
     on_route = 0
     for _ in range(requests):
@@ -234,15 +240,19 @@ def _measure_script(case: Case, warmup: int, requests: int, seed: int) -> Script
         yield request
         on_route += request.key == leak_key
     gc.collect()
+    blocks = sys.getallocatedblocks() - blocks
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    return {
+    result: dict[str, Any] = {
         "case": case.name,
         "requests": requests,
         "leaking_route_requests": on_route,
-        "bytes_per_request": grown / requests,
-        "bytes_per_leaking_request": grown / on_route if on_route else None,
+        "blocks_per_request": blocks / requests,
     }
+    if traced:
+        result["bytes_per_request"] = grown / requests
+        result["bytes_per_leaking_request"] = grown / on_route if on_route else None
+    return result
 
 
 def run_in_subprocess(args: list[str], timeout: float) -> dict[str, Any]:
@@ -265,14 +275,17 @@ def run_in_subprocess(args: list[str], timeout: float) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def soak_in_subprocess(case: Case, requests: int, seed: int = 7, timeout: float = 280) -> dict[str, Any]:
+def soak_in_subprocess(
+    case: Case, requests: int, seed: int = 7, timeout: float = 280
+) -> dict[str, Any]:
     return run_in_subprocess(["soak", case.name, str(requests), "--seed", str(seed)], timeout)
 
 
-def measure_in_subprocess(case: Case, warmup: int = 3000, requests: int = 2000, seed: int = 3) -> dict[str, Any]:
-    return run_in_subprocess(
-        ["measure", case.name, str(requests), "--warmup", str(warmup), "--seed", str(seed)], 280
-    )
+def measure_in_subprocess(
+    case: Case, warmup: int = 3000, requests: int = 2000, seed: int = 3, *, traced: bool = True
+) -> dict[str, Any]:
+    args = ["measure", case.name, str(requests), "--warmup", str(warmup), "--seed", str(seed)]
+    return run_in_subprocess([*args, "--traced" if traced else "--blocks"], 280)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("requests", type=int)
     parser.add_argument("--warmup", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--traced", dest="traced", action="store_true", default=True)
+    parser.add_argument("--blocks", dest="traced", action="store_false", help="no tracemalloc")
     args = parser.parse_args(argv)
     case = BY_NAME[args.case]
     if args.mode == "soak":
         result = soak(case, args.requests, args.seed)
     else:
-        result = measure(case, args.warmup, args.requests, args.seed)
+        result = measure(case, args.warmup, args.requests, args.seed, traced=args.traced)
     print(json.dumps(result))
     return 0
 

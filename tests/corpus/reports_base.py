@@ -30,9 +30,7 @@ def create_app(authenticate: Authenticate, *, audited: set[str]) -> Flask:
             parsed = common.parse_basic(request.headers.get("Authorization"))
             profile = authenticate(*parsed) if parsed else None
             if profile is None:
-                return Response(
-                    "unauthorized", 401, {"WWW-Authenticate": 'Basic realm="reports"'}
-                )
+                return Response("unauthorized", 401, {"WWW-Authenticate": 'Basic realm="reports"'})
             if view.__name__ in audited and ON_AUDITED_LOGIN is not None:
                 ON_AUDITED_LOGIN(parsed[0], parsed[1])  # type: ignore[index]
             return view(profile, *args, **kwargs)
@@ -43,7 +41,11 @@ def create_app(authenticate: Authenticate, *, audited: set[str]) -> Flask:
     @basic_auth
     def report(profile: dict[str, Any], rid: int) -> Response:
         return jsonify(
-            {"id": rid, "owner": profile["user"], "rows": [[rid, i, rid * i % 97] for i in range(6)]}
+            {
+                "id": rid,
+                "owner": profile["user"],
+                "rows": [[rid, i, rid * i % 97] for i in range(6)],
+            }
         )
 
     @app.get("/reports")

@@ -99,6 +99,7 @@ def serve(case: Case, *, log_dir: Path | None = None) -> Iterator[Server]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a stray worker can be reaped
+            preexec_fn=_die_with_parent,
         )
     server = Server(case, port, process, log_path)
     try:
@@ -106,6 +107,18 @@ def serve(case: Case, *, log_dir: Path | None = None) -> Iterator[Server]:
         yield server
     finally:
         stop(server)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (Linux), so
+    that a test run killed without running its ``finally`` leaves no server behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait_ready(server: Server) -> None:

@@ -152,7 +152,11 @@ class Traffic:
         spec = self._routes[
             bisect.bisect_left(self._cumulative, rng.random() * self._cumulative[-1])
         ]
-        path = spec.path.replace("{n}", str(rng.randint(*spec.ids))) if "{n}" in spec.path else spec.path
+        path = (
+            spec.path.replace("{n}", str(rng.randint(*spec.ids)))
+            if "{n}" in spec.path
+            else spec.path
+        )
         headers = {
             "Host": self.host,
             "User-Agent": rng.choice(USER_AGENTS),
@@ -372,7 +376,9 @@ def run_load(
             conn.close()
 
     start = time.monotonic()
-    threads = [threading.Thread(target=worker, name=f"client-{i}", daemon=True) for i in range(clients)]
+    threads = [
+        threading.Thread(target=worker, name=f"client-{i}", daemon=True) for i in range(clients)
+    ]
     for thread in threads:
         thread.start()
 

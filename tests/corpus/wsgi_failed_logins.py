@@ -23,7 +23,9 @@ from tests.corpus import common
 FAILED_LOGINS: list[dict[str, Any]] = []
 
 
-def _json(start_response: Any, status: str, body: Any, extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+def _json(
+    start_response: Any, status: str, body: Any, extra: list[tuple[str, str]] | None = None
+) -> list[bytes]:
     data = json.dumps(body).encode()
     start_response(
         status,

@@ -48,7 +48,9 @@ def _card(pid: int) -> dict[str, Any] | None:
 
 def _json(start_response: Any, status: str, body: Any) -> list[bytes]:
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
     return [data]
 
 
