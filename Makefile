@@ -19,10 +19,10 @@ PYTEST_ARGS ?=
 # Per-test timeout for `make soak` (the default of 300 s in pyproject.toml is for the normal suite).
 SOAK_TIMEOUT ?= 7200
 # Only lint directories that exist yet (ruff reports a missing path as an error).
-LINT_PATHS := $(wildcard memwatch tests benchmarks)
+LINT_PATHS := $(wildcard memwatch tests benchmarks grafana)
 
 # Command -> Debian package that provides it. prometheus also brings promtool.
-SYSTEM_DEPS := promtool:prometheus prometheus:prometheus chromium:chromium wrk:wrk
+SYSTEM_DEPS := promtool:prometheus prometheus:prometheus chromium:chromium wrk:wrk amtool:prometheus-alertmanager
 
 # Run pytest with the given arguments. pytest exits 5 when it collected no test; a run that
 # tested nothing must not look green, so 5 is turned into a failure here.
@@ -35,7 +35,7 @@ fi; \
 exit "$$rc"
 endef
 
-.PHONY: help venv system-deps lint typecheck test test-unit soak bench demo clean
+.PHONY: help venv system-deps lint typecheck test test-unit soak bench demo dashboard clean
 
 help:
 	@echo "make demo         create .venv if needed and run the demo (python -m memwatch.demo)"
@@ -108,6 +108,9 @@ bench: venv system-deps
 
 demo: venv
 	$(VPY) -m memwatch.demo
+
+dashboard: venv
+	$(VPY) grafana/generate.py
 
 clean:
 	rm -rf $(VENV) build dist .eggs *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -8,6 +8,7 @@ runs on a sample of requests, at a rate derived from its measured cost.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -142,6 +143,8 @@ class Monitor:
         self.on_clear = on_clear
         # Called after each periodic sample, from the sampling thread (multiprocess publishing).
         self.sample_hooks: list[Callable[[], object]] = []
+        # Individual per-request deltas for the multiprocess publisher (None: not kept).
+        self.delta_log: collections.deque[tuple[str, str, float]] | None = None
         self.signals = signals or Signals()
         self.errors = InternalErrors()
         self.routes = RouteTable(self.config.max_routes)
@@ -305,6 +308,8 @@ class Monitor:
             if hist is None:
                 hist = self._deltas[(route, auth)] = DeltaHistogram()
             hist.observe(heap)
+            if self.delta_log is not None:
+                self.delta_log.append((route, auth, heap))
 
     # --- periodic samples -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ for the worker that serves the scrape.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import threading
@@ -63,6 +64,9 @@ class Publisher:
         from memwatch.monitor import DELTA_BUCKETS
 
         self.monitor = monitor
+        if monitor.delta_log is None:
+            # Exact per-request deltas for the summed histogram (bounded; drained each publish).
+            monitor.delta_log = collections.deque(maxlen=10_000)
         private = CollectorRegistry(auto_describe=False)  # never the global REGISTRY
         route = ["route", "method", "auth"]
 
@@ -113,7 +117,6 @@ class Publisher:
         self._published_counts: dict[tuple[str, str, str, str], int] = {}
         self._published_alerts = 0
         self._published_errors = 0
-        self._published_deltas: dict[tuple[str, str], list[int]] = {}
         self._last = 0.0
         self._lock = threading.Lock()
 
@@ -146,16 +149,12 @@ class Publisher:
         if snap.internal_errors > self._published_errors:
             self.errors.inc(snap.internal_errors - self._published_errors)
             self._published_errors = snap.internal_errors
-        for (route, auth), hist in snap.deltas.items():
-            # Replays the new observations bucket by bucket, at each bucket's upper bound (the
-            # histogram's own resolution), so that the summed files stay a true histogram.
-            previous = self._published_deltas.get((route, auth), [0] * len(hist.buckets))
-            child = self.deltas.labels(route, auth)
-            for bound, now, before in zip(_bounds(), hist.buckets, previous, strict=False):
-                for _ in range(now - before):
-                    child.observe(bound)
-            self._published_deltas[(route, auth)] = list(hist.buckets)
-        last = snap.history[-1] if snap.history else None
+        log = monitor.delta_log
+        while log:
+            route, auth, value = log.popleft()
+            self.deltas.labels(route, auth).observe(value)
+        # Before the first periodic sample, read now rather than publish zeros.
+        last = snap.history[-1] if snap.history else monitor.read_signals()
         if last is not None:
             if last.rss_bytes is not None:
                 self.rss.set(last.rss_bytes)
@@ -174,9 +173,3 @@ class Publisher:
             self.route_suspected.labels(*estimate.key).set(1 if estimate.suspected else 0)
         for scheme, value in snap.distinct_credentials.items():
             self.distinct.labels(scheme).set(round(value))
-
-
-def _bounds() -> list[float]:
-    from memwatch.monitor import DELTA_BUCKETS
-
-    return [b if math.isfinite(b) else 2.0 * DELTA_BUCKETS[-2] for b in DELTA_BUCKETS]

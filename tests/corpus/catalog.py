@@ -291,7 +291,7 @@ CASES: tuple[Case, ...] = (
         leak=Leak(
             ("/orders/{order_id:int}", "POST", "bearer"),
             "set.add(asyncio.Task), never discarded",
-            1_500.0,
+            1_000.0,
         ),
     ),
     Case(
