@@ -114,7 +114,7 @@ class Config:
     min_route_bytes: float = 16.0
     confirm: int = 2
     clear: int = 3
-    detector_budget_us: float = 0.25
+    detector_budget_us: float = 0.5
     heap_block_bytes: float = 64.0
     history_size: int = 1024
     diagnosis: DiagnosisMode = "triggered"

@@ -237,6 +237,15 @@ def _install_flask(flask_app: Any) -> bool:
     return True
 
 
+def django_template(request: Any) -> str | None:
+    """The route template Django resolved for ``request`` (``api/items/<int:pk>/``; ``/`` for
+    the empty root pattern), or None before resolution or when nothing matched."""
+    route = getattr(getattr(request, "resolver_match", None), "route", None)
+    if isinstance(route, str):
+        return route or "/"
+    return None
+
+
 def _install_django(handler: Any) -> bool:
     try:
         from django.core.handlers.base import BaseHandler
@@ -250,10 +259,8 @@ def _install_django(handler: Any) -> bool:
 
     def resolve_request(request: Any) -> Any:
         result = original(request)
-        match = getattr(request, "resolver_match", None)
-        route = getattr(match, "route", None)
-        if isinstance(route, str):
-            route = route or "/"
+        route = django_template(request)
+        if route is not None:
             target = getattr(request, "scope", None)
             if target is None:
                 target = getattr(request, "environ", None)

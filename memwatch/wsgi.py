@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 from memwatch.config import Config
 from memwatch.core import Memwatch
-from memwatch.endpoints import EndpointRequest
+from memwatch.endpoints import EndpointRequest, EndpointResponse
 from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks
 
@@ -33,7 +33,87 @@ if t.TYPE_CHECKING:
     from memwatch.signals import Signals
 
 
-class WSGIMiddleware:
+class EnvironRecorder:
+    """Records requests described by a WSGI environ, and serves memwatch's endpoints for them.
+
+    The WSGI middleware is one; Django's middleware (:mod:`memwatch.django`) is the other: its
+    ``request.META`` is the WSGI environ under WSGI and is built with the same keys under ASGI.
+    Labels (route, method, auth, outcome) are therefore computed here, once, for both.
+
+    :param memwatch: The instance whose monitor and endpoints are used.
+    :param framework: The framework whose route templates arrive in ``environ[ROUTE_KEY]``;
+        when set, a 404 without a template counts as ``__unmatched__``.
+    """
+
+    kind = "wsgi"  # prefix of this recorder's internal-error counters
+
+    def __init__(self, memwatch: Memwatch, framework: str | None) -> None:
+        self.memwatch = memwatch
+        self.config = memwatch.config
+        self.monitor = memwatch.monitor
+        self._endpoints = memwatch.endpoints
+        self.framework = framework
+
+    def tag_request(self, environ: Environ) -> Tag | None:
+        """The request's trampoline while a diagnosis window runs. Never raises."""
+        try:
+            auth = self.monitor.auth.from_environ(environ)[0]
+            return self.monitor.window_tag(
+                environ.get("PATH_INFO") or "/", environ.get("REQUEST_METHOD") or "GET", auth
+            )
+        except Exception as exc:
+            self.monitor.errors.record(self.kind + ".tag", exc)
+            return None
+
+    def finish(
+        self, environ: Environ, status: str | None, entry: Probe | None, tag: Tag | None = None
+    ) -> None:
+        """Records a finished request. Never raises."""
+        label: tuple[str, str, str] | None = None
+        try:
+            code = int(status[:3]) if status else 500
+            routes = self.monitor.routes
+            template = environ.get(ROUTE_KEY)
+            if template is not None:
+                route = routes.label(template)
+            elif code == 404 and self.framework is not None:
+                route = routes.label(UNMATCHED)
+            else:
+                route = routes.for_path(environ.get("PATH_INFO") or "/")
+            auth, credential = self.monitor.auth.from_environ(environ)
+            method = environ.get("REQUEST_METHOD") or "GET"
+            if tag is not None:
+                label = (route, method_label(method), auth)
+            self.monitor.request_exit(route, method, auth, credential, code, entry)
+        except Exception as exc:
+            self.monitor.errors.record(self.kind + ".finish", exc)
+        finally:
+            if tag is not None:
+                tag.window.release(tag, label)
+
+    def respond(self, environ: Environ) -> EndpointResponse | None:
+        """memwatch's answer for a request to one of its paths; None if rendering failed (the
+        request then goes on to the app)."""
+        try:
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+            if forwarded is None and (
+                "HTTP_FORWARDED" in environ or "HTTP_X_REAL_IP" in environ
+            ):
+                forwarded = "unknown"  # forwarded, but not in a form we read: fail closed
+            request = EndpointRequest(
+                method=environ.get("REQUEST_METHOD") or "GET",
+                path=environ.get("PATH_INFO") or "/",
+                client=environ.get("REMOTE_ADDR"),
+                authorization=environ.get("HTTP_AUTHORIZATION"),
+                forwarded_for=forwarded,
+            )
+            return self._endpoints.respond(request, environ.get("HTTP_ACCEPT"))
+        except Exception as exc:
+            self.monitor.errors.record(self.kind + ".endpoint", exc)
+            return None
+
+
+class WSGIMiddleware(EnvironRecorder):
     """Wraps a WSGI application.
 
     :param app: The WSGI application.
@@ -60,14 +140,12 @@ class WSGIMiddleware:
         **options: t.Any,
     ) -> None:
         self.app = app
-        self.config = config or (memwatch.config if memwatch else Config.from_env(**options))
-        self.memwatch = memwatch or Memwatch(
-            self.config, registry=registry, signals=signals, on_leak=on_leak, on_clear=on_clear
+        config = config or (memwatch.config if memwatch else Config.from_env(**options))
+        memwatch = memwatch or Memwatch(
+            config, registry=registry, signals=signals, on_leak=on_leak, on_clear=on_clear
         )
-        self.monitor = self.memwatch.monitor
-        self._endpoints = self.memwatch.endpoints
-        self._enabled = self.config.enabled
-        self.framework = install_route_hooks(app) if self._enabled else None
+        self._enabled = config.enabled
+        super().__init__(memwatch, install_route_hooks(app) if self._enabled else None)
         if self._enabled:
             self.memwatch.log_startup(app, "WSGI")
 
@@ -85,7 +163,7 @@ class WSGIMiddleware:
             entry = None
         response = _Response(self, environ, start_response, entry)
         if self.monitor.diagnosis.window is not None:
-            response.tag = self._tag(environ)
+            response.tag = self.tag_request(environ)
         try:
             if response.tag is None:
                 result = self.app(environ, response.start_response)
@@ -103,59 +181,9 @@ class WSGIMiddleware:
         response.iterable = result
         return response
 
-    def _tag(self, environ: Environ) -> Tag | None:
-        try:
-            auth = self.monitor.auth.from_environ(environ)[0]
-            return self.monitor.window_tag(
-                environ.get("PATH_INFO") or "/", environ.get("REQUEST_METHOD") or "GET", auth
-            )
-        except Exception as exc:
-            self.monitor.errors.record("wsgi.tag", exc)
-            return None
-
-    def finish(
-        self, environ: Environ, status: str | None, entry: Probe | None, tag: Tag | None = None
-    ) -> None:
-        """Records a finished request. Never raises."""
-        label: tuple[str, str, str] | None = None
-        try:
-            code = int(status[:3]) if status else 500
-            routes = self.monitor.routes
-            template = environ.get(ROUTE_KEY)
-            if template is not None:
-                route = routes.label(template)
-            elif code == 404 and self.framework is not None:
-                route = routes.label(UNMATCHED)
-            else:
-                route = routes.for_path(environ.get("PATH_INFO") or "/")
-            auth, credential = self.monitor.auth.from_environ(environ)
-            method = environ.get("REQUEST_METHOD") or "GET"
-            if tag is not None:
-                label = (route, method_label(method), auth)
-            self.monitor.request_exit(route, method, auth, credential, code, entry)
-        except Exception as exc:
-            self.monitor.errors.record("wsgi.finish", exc)
-        finally:
-            if tag is not None:
-                tag.window.release(tag, label)
-
     def _serve(self, environ: Environ, start_response: StartResponse) -> list[bytes] | None:
-        try:
-            forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-            if forwarded is None and (
-                "HTTP_FORWARDED" in environ or "HTTP_X_REAL_IP" in environ
-            ):
-                forwarded = "unknown"  # forwarded, but not in a form we read: fail closed
-            request = EndpointRequest(
-                method=environ.get("REQUEST_METHOD") or "GET",
-                path=environ.get("PATH_INFO") or "/",
-                client=environ.get("REMOTE_ADDR"),
-                authorization=environ.get("HTTP_AUTHORIZATION"),
-                forwarded_for=forwarded,
-            )
-            response = self._endpoints.respond(request, environ.get("HTTP_ACCEPT"))
-        except Exception as exc:
-            self.monitor.errors.record("wsgi.endpoint", exc)
+        response = self.respond(environ)
+        if response is None:
             return None
         start_response(response.status_line, response.headers)
         return [response.body]
