@@ -55,8 +55,8 @@ def _size(case: Case) -> str:
 def markdown(cases: list[Case], results: list[CaseResult]) -> str:
     lines = [
         "| case | framework | server | leaking route / auth | leak (B/request) "
-        "| requests to detect | routes marked | scales_with | result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| first verdict | requests to detect | routes marked | scales_with | result |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, r in zip(cases, results, strict=True):
         if case.leak is None:
@@ -72,9 +72,10 @@ def markdown(cases: list[Case], results: list[CaseResult]) -> str:
         else:
             detect = f"not flagged ({r.requests:,})"
         marked = "<br>".join(_route(k) for k in r.routes_marked) or "—"
+        verdict = "never" if r.first_verdict is None else f"{r.first_verdict:,}"
         lines.append(
             f"| {case.name} | {case.framework} | {case.server} | {_route(r.leaking_route)} "
-            f"| {_size(case)} | {detect} | {marked} | {r.scales_with or '—'} "
+            f"| {_size(case)} | {verdict} | {detect} | {marked} | {r.scales_with or '—'} "
             f"| {'pass' if r.passed else 'FAIL'} |"
         )
     return "\n".join(lines)

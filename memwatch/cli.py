@@ -3,6 +3,8 @@
 ``memwatch report URL [--token T] [--json]`` fetches ``URL/memwatch/report.json`` (or the URL as
 given when it already ends in ``report.json``) and prints it as a terminal table.
 ``memwatch demo`` runs the demo service (the same as ``make demo``).
+``memwatch run -- COMMAND`` runs a gunicorn or uvicorn command with its application watched, without
+changing its code (:mod:`memwatch.launcher`).
 """
 
 from __future__ import annotations
@@ -153,6 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     diag.add_argument("--token", help="report token (needed from non-loopback addresses)")
     diag.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
     sub.add_parser("demo", help="run the demo service (same as make demo)")
+    run = sub.add_parser(
+        "run",
+        help="run a gunicorn or uvicorn command with its application watched",
+        description="Runs COMMAND with memwatch wrapping the application that gunicorn or "
+        "uvicorn loads; configure it with MEMWATCH_* environment variables.",
+        usage="memwatch run [-h] -- COMMAND [ARGS ...]",
+        epilog="example: memwatch run -- gunicorn myapp:app --workers 4",
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the server command line")
     args = parser.parse_args(argv)
 
     if args.command == "report":
@@ -173,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from memwatch.demo import main as demo_main
 
         return demo_main()
+    if args.command == "run":
+        from memwatch.launcher import run as run_command
+
+        return run_command(args.command)  # returns only if the command could not be run
     return 2  # pragma: no cover - argparse enforces the choices
 
 

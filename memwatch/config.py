@@ -103,8 +103,8 @@ class Config:
     sample_every_requests: int = 50
     sample_every_seconds: float = 1.0
     sample_budget_us: float = 0.25
-    request_sample_rate: float = 0.1
-    pair_budget_us: float = 0.5
+    request_sample_rate: float = 0.05
+    pair_budget_us: float = 0.2
     warmup_requests: int = 2000
     window_samples: int = 192
     envelope_width: int = 3

@@ -23,6 +23,10 @@ from tests.corpus.traffic import Poll, Traffic, fetch, metric_value, run_load
 
 POLL_EVERY = 500
 SETTLE_REQUESTS = 1_000
+# A clean app passes only if memwatch actually judged it (status "ok", past its warm-up and with
+# enough samples for a trend test) for at least this many requests: a detector still warming up
+# at the end of the run raises no alarm, but proves nothing either.
+MIN_JUDGED_REQUESTS = 5_000
 
 
 @dataclass
@@ -34,6 +38,7 @@ class CaseResult:
     leak_bytes_per_request: float | None
     requests: int
     seconds: float
+    first_verdict: int | None = None  # requests at the first poll past "warming_up"
     first_flagged: int | None = None  # requests at the first poll with leak.suspected
     detected: int | None = None  # requests at the first poll that marked the leaking route
     routes_marked: list[RouteKey] = field(default_factory=list)
@@ -133,6 +138,8 @@ def run_case(
 def judge(case: Case, result: CaseResult, polls: list[Poll]) -> None:
     """Fills in the verdict fields of ``result`` from the polls."""
     leak_key = case.leak.route if case.leak else None
+    judged = [p for p in polls if p.status not in ("warming_up", "unknown")]
+    result.first_verdict = judged[0].requests if judged else None
     flagged = [p for p in polls if p.suspected]
     result.first_flagged = flagged[0].requests if flagged else None
     correct = [p for p in flagged if leak_key is not None and leak_key in p.suspected_routes]
@@ -157,6 +164,15 @@ def judge(case: Case, result: CaseResult, polls: list[Poll]) -> None:
             )
         if result.alerts_total:
             result.reasons.append(f"memwatch_leak_alerts_total = {result.alerts_total:g}")
+        if result.first_verdict is None:
+            result.reasons.append(
+                f"never judged: the detector was still warming up after {result.requests} requests"
+            )
+        elif result.requests - result.first_verdict < MIN_JUDGED_REQUESTS:
+            result.reasons.append(
+                f"judged for {result.requests - result.first_verdict} requests only (from "
+                f"{result.first_verdict}; at least {MIN_JUDGED_REQUESTS} needed)"
+            )
         result.passed = not result.reasons
         return
 

@@ -8,7 +8,8 @@ seeded random traffic of :mod:`tests.corpus.traffic`; memwatch's verdict is read
 - A leaking app must be flagged within 20,000 requests with its leaking (route, method, auth)
   among the suspected routes, keep the verdict once given, and say what the growth scales with.
 - A clean app must never be flagged in 20,000 requests (checked at every poll and with the alert
-  counter of ``/metrics``).
+  counter of ``/metrics``), and memwatch must have judged it (status ``ok``) for at least the
+  last 5,000 of them: a detector still warming up raises no alarm but proves nothing.
 - The false-alarm soak drives 100,000 requests through the clean apps in process (see
   :mod:`tests.corpus.inprocess`): zero alerts.
 - The corpus itself is checked in process, without memwatch: the leaking apps retain what the
@@ -30,7 +31,7 @@ import pytest
 
 from tests.corpus import inprocess
 from tests.corpus.catalog import CLEAN, LEAKING, Case
-from tests.corpus.harness import CaseResult, run_case
+from tests.corpus.harness import MIN_JUDGED_REQUESTS, CaseResult, run_case
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +81,11 @@ def test_leak_is_flagged_on_its_route(case: Case, tmp_path: Path) -> None:
 def test_clean_app_is_never_flagged(case: Case, tmp_path: Path) -> None:
     # GIVEN a clean app (bounded caches, warm-up, capped logs), WHEN 20,000 requests run
     result = run_case(case, max_requests=max(case.max_requests, 20_000), log_dir=tmp_path)
-    # THEN no poll ever saw a suspected leak, and no alert was ever raised in between
+    # THEN memwatch judged it (past warm-up, enough samples) for a good part of the run
     assert result.requests >= 20_000, _describe(result)
+    assert result.first_verdict is not None, _describe(result)
+    assert result.requests - result.first_verdict >= MIN_JUDGED_REQUESTS, _describe(result)
+    # AND no poll ever saw a suspected leak, and no alert was ever raised in between
     assert not result.unexpected_statuses, _describe(result)
     assert result.first_flagged is None, _describe(result)
     assert result.alerts_total == 0, _describe(result)
@@ -106,9 +110,14 @@ def test_false_alarm_soak_in_process(case: Case) -> None:
     # GIVEN the clean apps, 100,000 requests split between them, driven in process (one child
     # process per app, so that each has its own heap and memwatch; two at a time)
     outcome = _soak_runs()[case.name].result()
-    # THEN memwatch never suspects a leak and never raises an alert
+    # THEN memwatch judges it for most of the run, never suspects a leak, never raises an alert
     flagged = [p for p in outcome["polls"] if p["suspected"]]
+    judged = [
+        p["requests"] for p in outcome["polls"] if p["status"] not in ("warming_up", "unknown")
+    ]
     assert outcome["requests"] == SOAK_REQUESTS // len(CLEAN), outcome["requests"]
+    assert judged, f"never judged in {outcome['requests']} requests"
+    assert outcome["requests"] - judged[0] >= MIN_JUDGED_REQUESTS, judged[0]
     assert outcome["unexpected_statuses"] == 0, outcome
     assert not flagged, (
         f"{case.name}: false alarm at {flagged[0]['requests']} requests: {flagged[0]}"
