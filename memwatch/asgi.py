@@ -18,7 +18,7 @@ import typing as t
 
 from memwatch.config import Config
 from memwatch.core import Memwatch
-from memwatch.endpoints import EndpointRequest, EndpointResponse
+from memwatch.endpoints import INTERNAL_ERROR, EndpointRequest, EndpointResponse
 from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks, starlette_template
 
@@ -180,7 +180,7 @@ class ASGIMiddleware:
             return self._endpoints.respond(request, accept)
         except Exception as exc:
             self.monitor.errors.record("asgi.endpoint", exc)
-            return None
+            return INTERNAL_ERROR  # not handed to the app: the request may carry our token
 
 
 async def _send_response(send: Send, response: EndpointResponse) -> None:

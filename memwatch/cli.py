@@ -163,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage="memwatch run [-h] -- COMMAND [ARGS ...]",
         epilog="example: memwatch run -- gunicorn myapp:app --workers 4",
     )
-    run.add_argument("command", nargs=argparse.REMAINDER, help="the server command line")
+    run.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the server command line"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "report":
@@ -187,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         from memwatch.launcher import run as run_command
 
-        return run_command(args.command)  # returns only if the command could not be run
+        return run_command(args.argv)  # returns only if the command could not be run
     return 2  # pragma: no cover - argparse enforces the choices
 
 

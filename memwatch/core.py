@@ -21,6 +21,9 @@ from memwatch.signals import Signals
 
 logger = logging.getLogger("memwatch")
 
+# After the multiprocess directory failed, the seconds before a worker tries it again.
+PUBLISHER_RETRY_SECONDS = 30.0
+
 
 class Memwatch:
     """One memwatch instance: everything a wrapped application's middleware needs.
@@ -52,6 +55,8 @@ class Memwatch:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self._publisher: Publisher | None = None
         self._publisher_pid = 0
+        self._publisher_failed_pid = 0
+        self._publisher_failed_at = 0.0
         if multiprocess.enabled():
             self.monitor.sample_hooks.append(self._publish_if_due)
         self.collector = MemwatchCollector(self.monitor)
@@ -86,7 +91,16 @@ class Memwatch:
             return None
         pid = os.getpid()
         if self._publisher is None or self._publisher_pid != pid:
-            self._publisher = Publisher(self.monitor)  # per process: made after the fork
+            if pid == self._publisher_failed_pid and (
+                time.monotonic() - self._publisher_failed_at < PUBLISHER_RETRY_SECONDS
+            ):
+                return None  # the directory failed a moment ago: do not retry on every sample
+            try:
+                self._publisher = Publisher(self.monitor)  # per process: made after the fork
+            except Exception:
+                self._publisher_failed_pid = pid
+                self._publisher_failed_at = time.monotonic()
+                raise
             self._publisher_pid = pid
             # A worker that goes idle still publishes its last counts within a second.
             threading.Thread(
@@ -111,28 +125,40 @@ class Memwatch:
             publisher.maybe_publish()
 
     def render_metrics(self, accept: str | None) -> tuple[str, bytes]:
-        publisher = self.publisher()
-        if publisher is None:
-            return render_metrics(self.registry, accept)
-        publisher.publish()
-        return render_metrics(multiprocess.aggregate_registry(), accept)
+        if multiprocess.enabled():
+            try:
+                publisher = self.publisher()
+                if publisher is not None:
+                    publisher.publish()
+                    return render_metrics(multiprocess.aggregate_registry(), accept)
+            except Exception as exc:
+                # The multiprocess directory cannot be written or read: this worker's own
+                # figures (its internal errors included) rather than no answer.
+                self.monitor.errors.record("multiprocess.metrics", exc)
+        return render_metrics(self.registry, accept)
 
     def log_startup(self, app: object, protocol: str) -> None:
+        """One INFO line saying what memwatch serves, where, and to whom (never a token)."""
         if not self.config.log_startup:
             return
         cfg = self.config
-        metrics = (
-            "off"
-            if not cfg.metrics_path
-            else f"{cfg.metrics_path} ({'bearer token' if cfg.metrics_token else 'open'})"
-        )
-        report_access = "loopback clients" + (" or bearer token" if cfg.token else " only")
+        if not cfg.metrics_path:
+            metrics = "metrics off"
+        elif cfg.metrics_token:
+            metrics = f"metrics at {cfg.metrics_path} with its bearer token"
+        else:
+            metrics = f"metrics at {cfg.metrics_path} open to any client"
+        report_access = "loopback clients " + ("or its bearer token" if cfg.token else "only")
+        proxies = ", ".join(cfg.trusted_proxies) or "no proxy"
         logger.info(
-            "memwatch watching %s (%s): metrics at %s; report at %s and %sreport.json for %s",
+            "memwatch watching %s (%s): %s; report at %s (HTML), %sreport.json and POST %sdiagnose "
+            "for %s; X-Forwarded-For believed from %s",
             getattr(app, "__qualname__", type(app).__qualname__),
             protocol,
             metrics,
             cfg.report_path,
             cfg.report_path,
+            cfg.report_path,
             report_access,
+            proxies,
         )

@@ -109,6 +109,11 @@ class Detector:
         self.verdict = Verdict()
         self._streak = 0  # consecutive suspected (>0) or clean (<0) evaluations
 
+    @property
+    def confirming(self) -> bool:
+        """Suspicious evaluations have begun but the verdict has not turned yet."""
+        return not self.verdict.suspected and self._streak > 0
+
     def min_rate(self, signal: str) -> float:
         cfg = self.config
         return cfg.min_growth_rss if signal == "rss" else cfg.min_growth_bytes

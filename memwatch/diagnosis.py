@@ -162,26 +162,40 @@ class Window:
         self.started_wall = time.time()
         self.requests_at_start = requests_at_start
         self.half = 1
-        self.tagging = True
-        self.busy = False  # a snapshot is being taken on the diagnosis thread
+        self.tagging = False  # until prepare() has run
+        self.busy = True  # a census or a snapshot is being taken on the diagnosis thread
         self.inflight = 0
         self.tagged_requests = 0
         self._tagged_in_half = 0
         self._half_started = self.started
         self.lock = threading.Lock()
-        # The census and type counts first: they run much faster before tracing starts.
-        self.census: Census = take_census()
-        self.typestats: dict[str, int] = _typestats()
-        self.own_tracing = not tracemalloc.is_tracing()
-        if self.own_tracing:
-            tracemalloc.start(config.diagnosis_frames)
-        self.frames = tracemalloc.get_traceback_limit()
-        self.before = tracemalloc.take_snapshot()
+        self.census: Census | None = None
+        self.typestats: dict[str, int] = {}
+        self.own_tracing = False
+        self.frames = 0
+        self.before: tracemalloc.Snapshot | None = None
         self.middle: tracemalloc.Snapshot | None = None
         self._tags: dict[tuple[str, str, str], Tag] = {}
         self._overflow: Tag | None = None
         self.labels: dict[int, Counter[RouteKey]] = {}  # all requests, per trampoline
         self.half_counts: tuple[Counter[RouteKey], Counter[RouteKey]] = (Counter(), Counter())
+
+    def prepare(self) -> None:
+        """Census, type counts, tracing and the first snapshot (on the diagnosis thread); then
+        requests are tagged."""
+        # The census and type counts first: they run much faster before tracing starts.
+        self.census = take_census()
+        self.typestats = _typestats()
+        self.own_tracing = not tracemalloc.is_tracing()
+        if self.own_tracing:
+            tracemalloc.start(self.config.diagnosis_frames)
+        self.frames = tracemalloc.get_traceback_limit()
+        self.before = tracemalloc.take_snapshot()
+        with self.lock:
+            self.started = time.monotonic()
+            self._half_started = self.started
+            self.busy = False
+            self.tagging = True
 
     def tag_for(self, key: tuple[str, str, str]) -> Tag | None:
         """The trampoline for a request entering now, or None while the window drains."""
@@ -263,9 +277,10 @@ class Window:
     def _find_holders(self, result: DiagnosisResult) -> None:
         """Census differences first; back-reference chains from the top sites otherwise."""
         after = take_census()
+        before = self.census or after
         minimum = max(10, self.tagged_requests // 20)
-        holders = grown(self.census, after, minimum)
-        partial = self.census.partial or after.partial
+        holders = grown(before, after, minimum)
+        partial = before.partial or after.partial
         if not holders and result.raw_sites:
             chained, cut = backref_holders(result.raw_sites[:3])
             holders, partial = chained, partial or cut
@@ -292,6 +307,7 @@ class Window:
             tracemalloc.Filter(False, tracemalloc.__file__),
             tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
         ]
+        assert self.before is not None
         start = self.before.filter_traces(filters)
         end = after.filter_traces(filters)
         middle = self.middle.filter_traces(filters) if self.middle is not None else start
@@ -424,8 +440,23 @@ class Diagnosis:
         with self._lock:
             if self.window is not None or (not force and time.monotonic() < self._not_before):
                 return False
-            self.window = Window(self.config, reason, requests)
-            return True
+            window = self.window = Window(self.config, reason, requests)
+        if force:
+            # Asked for (memwatch.diagnose(), POST /memwatch/diagnose): prepared before
+            # returning, so that the next request is already traced.
+            self._prepare(window)
+            return self.window is window
+        # Triggered from a request's sampling path: prepared on the diagnosis thread.
+        threading.Thread(
+            target=self._prepare, args=(window,), name="memwatch-diagnosis", daemon=True
+        ).start()
+        return True
+
+    def _prepare(self, window: Window) -> None:
+        try:
+            window.prepare()
+        except Exception as exc:
+            self._failed(window, exc)
 
     def abandon(self) -> None:
         """Drops a window that failed, stopping tracing if memwatch started it."""

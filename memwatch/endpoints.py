@@ -72,6 +72,9 @@ def _text(status: int, text: str, extra: Headers | None = None) -> EndpointRespo
 
 
 NOT_FOUND = _text(404, "Not Found")
+# memwatch failed to answer one of its own paths. The request is not handed to the app: it may
+# carry memwatch's token, and the app has nothing to say about memwatch's paths.
+INTERNAL_ERROR = _text(500, "Internal Server Error")
 
 
 class Endpoints:

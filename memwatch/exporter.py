@@ -44,6 +44,15 @@ class MemwatchCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        try:
+            families = list(self._families())
+        except Exception as exc:
+            # A scrape still answers, with what is left to say: memwatch's own failures.
+            self.monitor.errors.record("exporter.collect", exc)
+            families = [_internal_errors(self.monitor.errors.total)]
+        return iter(families)
+
+    def _families(self) -> Iterator[Metric]:
         monitor = self.monitor
         snap = monitor.snapshot()
 
@@ -151,11 +160,15 @@ class MemwatchCollector(Collector):
             distinct.add_metric([scheme], round(estimate))
         yield distinct
 
-        yield CounterMetricFamily(
-            "memwatch_internal_errors",
-            "memwatch's own internal failures (each caught; the request went on).",
-            value=snap.internal_errors,
-        )
+        yield _internal_errors(snap.internal_errors)
+
+
+def _internal_errors(total: int) -> CounterMetricFamily:
+    return CounterMetricFamily(
+        "memwatch_internal_errors",
+        "memwatch's own internal failures (each caught; the request went on).",
+        value=total,
+    )
 
 
 def _finite(value: float | None) -> float:

@@ -7,9 +7,28 @@ Every value is escaped on the way in: route labels come from request paths, and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from html import escape
+from html import escape as _html_escape
 
 from memwatch.report import HistoryPoint, Report
+
+# C0 controls other than tab, line feed and carriage return, DEL and the C1 controls: HTML forbids
+# them in text, and a browser shows them as boxes or drops them (NUL becomes U+FFFD).
+_CONTROLS = dict.fromkeys(
+    [*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)], 0xFFFD
+)
+
+
+def escape(text: str) -> str:
+    """Text for the page: HTML-escaped, control characters as U+FFFD, and encodable as UTF-8.
+
+    Data can hold lone surrogates (a file name or a dict key decoded with ``surrogateescape``):
+    they become backslash escapes, or the page could not be encoded for sending.
+    """
+    text = text.translate(_CONTROLS)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _html_escape(text)
+
 
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d232a;
@@ -110,7 +129,12 @@ def render(report: Report) -> str:
             "warming_up": "Warming up",
             "unknown": "Unknown",
         }.get(leak.status, escape(leak.status))
-        detail = "No memory growth that looks like a leak has been detected."
+        detail = {
+            "warming_up": "Not enough samples after the warm-up for a verdict yet.",
+            "unknown": "memwatch cannot read any memory signal (resident set size, Python heap) "
+            "in this process, so it cannot tell whether it leaks: see internal errors below and "
+            "memwatch's log.",
+        }.get(leak.status, "No memory growth that looks like a leak has been detected.")
     advice = f"<p><strong>Advice:</strong> {escape(leak.advice)}</p>" if leak.advice else ""
     proc = report.process
     proc_line = (
@@ -151,6 +175,11 @@ def render(report: Report) -> str:
             f"{diag.windows} window(s); last {escape(diag.last_started)} "
             f"({escape(diag.last_reason or '')}): {diag.last_requests or 0:,} requests in "
             f"{diag.last_duration_seconds or 0:.1f} s, {diag.frames} frames per traceback"
+            + (
+                " · holder search cut short by its time budget"
+                if diag.holder_search_partial
+                else ""
+            )
             + (" · a window is running now" if diag.active else "")
         )
     elif diag is not None and diag.active:

@@ -28,6 +28,7 @@ import functools
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +39,12 @@ _PATCHED = "__memwatch_patched__"
 _DJANGO_MIDDLEWARE = "memwatch.django.MemwatchMiddleware"
 
 Protocol = Literal["auto", "wsgi", "asgi"]
+
+# id(app) -> (app, its middleware): a server may load the same app object more than once
+# (uvicorn's main() loads it to check the import string, then Config.load() loads it again);
+# it gets one middleware, hence one monitor, per process.
+_watched: dict[int, tuple[Any, Any]] = {}
+_watched_lock = threading.Lock()
 
 
 def command_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -67,7 +74,6 @@ def run(command: Sequence[str]) -> int:
     except OSError as exc:
         print(f"memwatch run: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
-    return 0  # pragma: no cover - exec does not return
 
 
 # --- what the bootstrap calls once the server is imported ------------------------------------
@@ -127,6 +133,16 @@ def watch(app: Any, *, protocol: Protocol = "auto", factory: bool = False, serve
     """
     if factory:
         return _factory(app, protocol, server)
+    with _watched_lock:
+        known = _watched.get(id(app))
+        if known is not None and known[0] is app:
+            return known[1]
+        watched = _watch(app, protocol, server)
+        _watched[id(app)] = (app, watched)
+        return watched
+
+
+def _watch(app: Any, protocol: Protocol, server: str) -> Any:
     if already_watched(app):
         return app
     from memwatch import ASGIMiddleware, Config, ConfigError, WSGIMiddleware, detect_protocol

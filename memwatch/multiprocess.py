@@ -64,9 +64,6 @@ class Publisher:
         from memwatch.monitor import DELTA_BUCKETS
 
         self.monitor = monitor
-        if monitor.delta_log is None:
-            # Exact per-request deltas for the summed histogram (bounded; drained each publish).
-            monitor.delta_log = collections.deque(maxlen=10_000)
         private = CollectorRegistry(auto_describe=False)  # never the global REGISTRY
         route = ["route", "method", "auth"]
 
@@ -119,6 +116,10 @@ class Publisher:
         self._published_errors = 0
         self._last = 0.0
         self._lock = threading.Lock()
+        if monitor.delta_log is None:
+            # Exact per-request deltas for the summed histogram (bounded; drained each publish).
+            # Last: a publisher whose files could not be created must not leave it filling.
+            monitor.delta_log = collections.deque(maxlen=10_000)
 
     def maybe_publish(self) -> None:
         if time.monotonic() - self._last >= PUBLISH_EVERY_SECONDS:

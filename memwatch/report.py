@@ -103,6 +103,7 @@ class DiagnosisInfo:
     last_requests: int | None = None
     frames: int | None = None
     unattributed_bytes: int | None = None
+    holder_search_partial: bool | None = None  # the holder search ran out of its time budget
 
 
 @dataclass
@@ -133,9 +134,15 @@ def _round(value: float | None, digits: int = 1) -> float | None:
 def leak_of(snapshot: Snapshot) -> Leak:
     """The report's ``leak`` section from the detector's verdict."""
     v = snapshot.verdict
+    status = v.status
+    last = snapshot.history[-1] if snapshot.history else None
+    if not v.suspected and last is not None and last.rss_bytes is None and last.heap_blocks is None:
+        # The latest reading found no memory signal at all: say so rather than "ok" from older
+        # readings, or "warming up" as if a verdict were coming.
+        status = "unknown"
     return Leak(
         suspected=v.suspected,
-        status=v.status,
+        status=status,
         signal=v.signal,
         growth_bytes_per_request=_round(v.bytes_per_request),
         growth_bytes_per_second=_round(v.bytes_per_second),
@@ -202,6 +209,7 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         diagnosis.last_requests = window.requests
         diagnosis.frames = window.frames
         diagnosis.unattributed_bytes = window.unattributed_bytes
+        diagnosis.holder_search_partial = window.holder_search_partial
         roots = [
             Root(path=h.path, type=h.type, length=h.length, growth=h.growth)
             for h in window.holders

@@ -123,6 +123,11 @@ class SampleRing:
             raise IndexError("sample index out of range")
         return self._at((self._start + index) % self.capacity)
 
+    def tail(self, count: int) -> list[Sample]:
+        """The last ``count`` samples, oldest first (only those are built)."""
+        first = max(self._len - count, 0)
+        return [self._at((self._start + k) % self.capacity) for k in range(first, self._len)]
+
     def __iter__(self) -> Iterator[Sample]:
         for k in range(self._len):
             yield self._at((self._start + k) % self.capacity)
@@ -137,7 +142,7 @@ class Signals:
     :param gc_count: Function returning ``gc.get_count()``-like pending counts.
     :param gc_stats: Function returning ``gc.get_stats()``-like per-generation statistics.
     :param process: A ``psutil.Process``-like object with ``memory_info().rss``.
-    :param clock: Monotonic clock for timing readings.
+    :param clock: Clock for timing readings (this thread's CPU time by default).
     """
 
     def __init__(
@@ -149,7 +154,7 @@ class Signals:
         gc_count: Callable[[], tuple[int, ...]] = gc.get_count,
         gc_stats: Callable[[], list[dict[str, Any]]] = gc.get_stats,
         process: Any = None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.statm_path = statm_path if statm_path and os.path.exists(statm_path) else None
         self.page_size = page_size or _page_size()
@@ -198,8 +203,9 @@ class Signals:
         start = self._clock()
         blocks = self._heap_blocks()
         cost = max((self._clock() - start) * 1e6, 0.01)
-        # Smoothed, so that one reading slowed by a context switch does not throttle sampling.
-        self.heap_cost_us = 0.8 * self.heap_cost_us + 0.2 * cost
+        # This thread's CPU time (other threads' turns and preemption are not the reading's
+        # cost), with outliers clamped and smoothed: one slow reading must not stop sampling.
+        self.heap_cost_us = 0.8 * self.heap_cost_us + 0.2 * min(cost, 4.0 * self.heap_cost_us)
         return blocks
 
     def gc_pending(self) -> int:

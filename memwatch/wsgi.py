@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 from memwatch.config import Config
 from memwatch.core import Memwatch
-from memwatch.endpoints import EndpointRequest, EndpointResponse
+from memwatch.endpoints import INTERNAL_ERROR, EndpointRequest, EndpointResponse
 from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks
 
@@ -92,8 +92,8 @@ class EnvironRecorder:
                 tag.window.release(tag, label)
 
     def respond(self, environ: Environ) -> EndpointResponse | None:
-        """memwatch's answer for a request to one of its paths; None if rendering failed (the
-        request then goes on to the app)."""
+        """memwatch's answer for a request to one of its paths; a 500 if rendering failed (the
+        request is not handed to the app: it may carry memwatch's token)."""
         try:
             forwarded = environ.get("HTTP_X_FORWARDED_FOR")
             if forwarded is None and (
@@ -110,7 +110,7 @@ class EnvironRecorder:
             return self._endpoints.respond(request, environ.get("HTTP_ACCEPT"))
         except Exception as exc:
             self.monitor.errors.record(self.kind + ".endpoint", exc)
-            return None
+            return INTERNAL_ERROR
 
 
 class WSGIMiddleware(EnvironRecorder):

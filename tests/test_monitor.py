@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from memwatch.config import Config
-from memwatch.monitor import Monitor
+from memwatch.monitor import MAX_SAMPLE_INTERVAL, Monitor
 from tests.fixtures import PAGE_SIZE, STATM_RESIDENT_PAGES, FakeClock, make_signals
 
 CANARY = "canary-Tk_91xQzP0wLmN"
@@ -173,7 +173,7 @@ def test_sampling_interval_stretches_with_the_cost_of_a_heap_reading(cost_us: fl
     # a walk being charged at twice its time (it leaves the caches cold for the app)
     marks = [s.requests for s in m.history if s.requests > 0]
     gaps = [b - a for a, b in itertools.pairwise(marks)]
-    expected = max(1, math.ceil(2 * cost_us / budget))
+    expected = min(max(1, math.ceil(2 * cost_us / budget)), MAX_SAMPLE_INTERVAL)  # capped
     assert len(gaps) >= min(n // (expected + 1), m.config.history_size) - 2
     assert min(gaps) >= expected
     assert max(gaps) <= expected + 1  # and no more than the cost demands
