@@ -63,7 +63,7 @@ def markdown(cases: list[Case], results: list[CaseResult]) -> str:
             detect = (
                 "not flagged"
                 if r.first_flagged is None
-                else f"**false alarm at {r.first_flagged}**"
+                else f"**false alarm at {r.first_flagged:,}**"
             )
         elif r.detected is not None:
             detect = f"{r.detected:,}"
@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-stop", action="store_true", help="do not stop at detection")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "detection_corpus.json")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="replace the results table in docs/detection.md with this run's",
+    )
     parser.add_argument("--measure", action="store_true", help="measure leak sizes in process")
     parser.add_argument("--quiet", action="store_true", help="no per-poll progress lines")
     args = parser.parse_args(argv)
@@ -129,7 +134,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.json}")
     if args.markdown:
         args.markdown.write_text(table + "\n")
+    if args.update_docs:
+        update_docs(payload, DOCS)
+        print(f"updated {DOCS}")
     return 1 if failed else 0
+
+
+DOCS = ROOT / "docs" / "detection.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_docs(payload: dict[str, Any], path: Path) -> None:
+    """Replaces the text between the results markers of ``path`` with this run's table."""
+    results = payload["results"]
+    passed = sum(r["passed"] for r in results)
+    state = payload["memwatch"]
+    head = (
+        f"Run of {payload['generated'][:10]} against memwatch `{state['commit']}` (sources "
+        f"digest `{state['sources_sha256']}`), seed {payload['seed']}, Python {payload['python']}: "
+        f"**{passed}/{len(results)} cases pass**."
+    )
+    text = path.read_text()
+    before, _, rest = text.partition(START)
+    _, _, after = rest.partition(END)
+    if not rest:
+        raise SystemExit(f"{path} has no {START} ... {END} markers")
+    path.write_text(f"{before}{START}\n{head}\n\n{payload['table']}\n{END}{after}")
 
 
 def _memwatch_state() -> dict[str, str]:

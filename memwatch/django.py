@@ -117,12 +117,19 @@ class MemwatchMiddleware(EnvironRecorder):
         mode = "Django ASGI" if self.is_async else "Django WSGI"
         super().__init__(_memwatch(config, extra, mode), "django")
 
-    def _entry(self) -> Probe | None:
+    def _enter(self, meta: dict[str, Any]) -> tuple[Any, Probe | None, Tag | None]:
+        """memwatch's own answer (for its paths), else the request's entry probe and tag."""
+        if self.memwatch.endpoints.handles(meta.get("PATH_INFO") or "/"):
+            answer = self.respond(meta)
+            if answer is not None:
+                return _http_response(answer), None, None
         try:
-            return self.monitor.request_entry()
+            entry = self.monitor.request_entry()
         except Exception as exc:
             self.monitor.errors.record("django.entry", exc)
-            return None
+            entry = None
+        tag = self.tag_request(meta) if self.monitor.diagnosis.window is not None else None
+        return None, entry, tag
 
     def _record(self, request: Any, status: str, entry: Probe | None, tag: Tag | None) -> None:
         route = django_template(request)
@@ -133,13 +140,9 @@ class MemwatchMiddleware(EnvironRecorder):
     def __call__(self, request: Any) -> Any:
         if self.is_async:
             return self.__acall__(request)
-        meta = request.META
-        if self.memwatch.endpoints.handles(meta.get("PATH_INFO") or "/"):
-            answer = self.respond(meta)
-            if answer is not None:
-                return _http_response(answer)
-        entry = self._entry()
-        tag = self.tag_request(meta) if self.monitor.diagnosis.window is not None else None
+        answer, entry, tag = self._enter(request.META)
+        if answer is not None:
+            return answer
         status = "500"
         try:
             if tag is None:
@@ -152,13 +155,9 @@ class MemwatchMiddleware(EnvironRecorder):
             self._record(request, status, entry, tag)
 
     async def __acall__(self, request: Any) -> Any:
-        meta = request.META
-        if self.memwatch.endpoints.handles(meta.get("PATH_INFO") or "/"):
-            answer = self.respond(meta)
-            if answer is not None:
-                return _http_response(answer)
-        entry = self._entry()
-        tag = self.tag_request(meta) if self.monitor.diagnosis.window is not None else None
+        answer, entry, tag = self._enter(request.META)
+        if answer is not None:
+            return answer
         status = "500"
         try:
             if tag is None:

@@ -21,6 +21,9 @@ from memwatch.monitor import Snapshot
 MAX_ROUTES_IN_REPORT = 200
 MAX_HISTORY_POINTS = 240
 MAX_TRACEBACK = 16
+MAX_SITES_IN_REPORT = 10  # what a diagnosis window keeps anyway; held here too, whatever comes
+MAX_ROOTS_IN_REPORT = 10
+MAX_TYPES_IN_REPORT = 10
 
 
 @dataclass
@@ -212,9 +215,11 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         diagnosis.holder_search_partial = window.holder_search_partial
         roots = [
             Root(path=h.path, type=h.type, length=h.length, growth=h.growth)
-            for h in window.holders
+            for h in window.holders[:MAX_ROOTS_IN_REPORT]
         ]
-        types_grown = [TypeGrowth(type=name, growth=n) for name, n in window.types]
+        types_grown = [
+            TypeGrowth(type=name, growth=n) for name, n in window.types[:MAX_TYPES_IN_REPORT]
+        ]
         sites = [
             Site(
                 file=s.file,
@@ -223,7 +228,7 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
                 size_diff_bytes=s.size_diff_bytes,
                 count_diff=s.count_diff,
             )
-            for s in window.sites
+            for s in window.sites[:MAX_SITES_IN_REPORT]
         ]
     return Report(
         leak=leak or leak_of(snapshot),

@@ -6,7 +6,9 @@ memwatch picks the result up when the request ends, without routing a second tim
 - **Flask/Werkzeug**: a ``before_request`` function (installed first, at wrap time) copies
   ``request.url_rule.rule`` (``/reports/<int:rid>``) into the WSGI environ.
 - **Django** (WSGI and ASGI handlers): the handler's ``resolve_request`` is wrapped on the
-  instance to copy ``request.resolver_match.route`` (``api/data/``) into the environ or scope.
+  instance to copy ``request.resolver_match.route`` (``api/data/``) into the environ or scope;
+  the settings middleware (:mod:`memwatch.django`) reads the same through
+  :func:`django_template` once the view has answered.
 - **Starlette/FastAPI**: the router itself leaves the matched route in ``scope["route"]``; mounted
   sub-applications move ``root_path``, whose growth is the mount prefix.
 
@@ -81,7 +83,9 @@ def normalize_segment(segment: str) -> str:
         return "{hex}"
     if len(segment) >= 16 and _HEX.fullmatch(segment):
         return "{hex}"
-    if "@" in segment or "%" in segment or not segment.isascii():
+    if "@" in segment or "%" in segment or not segment.isascii() or not segment.isprintable():
+        # Control characters too (servers percent-decode paths): a route label reaches the logs,
+        # where a line feed or an escape sequence would forge or hide lines.
         return "{value}"
     if len(segment) > 32:
         return "{token}"
