@@ -35,7 +35,7 @@ fi; \
 exit "$$rc"
 endef
 
-.PHONY: help venv system-deps lint typecheck test test-unit soak bench demo dashboard clean
+.PHONY: help venv system-deps lint typecheck test test-unit soak bench demo dashboard corpus clean
 
 help:
 	@echo "make demo         create .venv if needed and run the demo (python -m memwatch.demo)"
@@ -43,6 +43,7 @@ help:
 	@echo "make test-unit    pytest without the integration tests (no real servers)"
 	@echo "make lint         ruff check"
 	@echo "make typecheck    mypy --strict over memwatch"
+	@echo "make corpus       the detection corpus under real servers (not yet in make test)"
 	@echo "make soak         long soak tests (MEMWATCH_SOAK=1 pytest -m soak)"
 	@echo "make bench        benchmarks/run.py, if present"
 	@echo "make venv         create .venv and pip install -e '.[test,all]'"
@@ -91,7 +92,12 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 test: venv system-deps lint typecheck
-	@$(call run_pytest,)
+	@$(call run_pytest,-m 'not corpus')
+
+# The detection corpus (13 apps under real servers, about 10 minutes). Not yet part of
+# `make test`: the detector does not pass it yet (see docs/detection.md and issue 12).
+corpus: venv system-deps
+	@$(call run_pytest,-m corpus tests/integration/test_detection_corpus.py)
 
 test-unit: venv
 	@$(call run_pytest,-m 'not integration')

@@ -102,7 +102,7 @@ class Config:
     query_credentials: tuple[str, ...] = ("access_token", "api_key", "apikey", "token", "key")
     sample_every_requests: int = 50
     sample_every_seconds: float = 1.0
-    sample_budget_us: float = 0.5
+    sample_budget_us: float = 1.0
     request_sample_rate: float = 0.05
     pair_budget_us: float = 0.2
     warmup_requests: int = 2000

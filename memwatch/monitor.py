@@ -46,6 +46,8 @@ FIRST_SEEN_SAMPLING = 4
 # The most requests between two periodic samples, whatever a heap walk costs (at 5 M blocks,
 # 144 µs, twice that at the default budget gives about 600).
 MAX_SAMPLE_INTERVAL = 1000
+# The most requests between two evaluations of the detector, whatever one costs.
+MAX_EVAL_SPACING = 2000
 # 2**17 bits (16 KiB): small enough to stay in cache; rotated at 20 % saturation, that is about
 # 7,000 sampled (28,000 actual) credentials per filter.
 FIRST_SEEN_BITS = 2**17
@@ -355,7 +357,9 @@ class Monitor:
         budget = self.config.detector_budget_us
         if self.detector.confirming:
             budget *= 4  # a suspicion waits for confirmation: look again sooner, briefly
-        spacing = self._eval_cost_us / budget
+        # Capped: an evaluation timed during a diagnosis window (tracing makes everything
+        # slower) must not silence the detector for tens of thousands of requests.
+        spacing = min(self._eval_cost_us / budget, MAX_EVAL_SPACING)
         return sample.requests - self._requests_at_eval >= spacing
 
     def evaluate(self) -> Verdict:

@@ -270,4 +270,4 @@ def to_dict(report: Report) -> dict[str, Any]:
 
 
 def to_json(report: Report) -> bytes:
-    return json.dumps(to_dict(report), indent=1, sort_keys=False, allow_nan=False).encode()
+    return json.dumps(to_dict(report), allow_nan=False).encode()
