@@ -184,7 +184,7 @@ def route_keys(snapshot: Snapshot) -> set[tuple[str, str, str]]:
     return {(r, m, a) for r, m, a, _ in snapshot.counts}
 
 
-@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(snapshots())
 def test_json_never_raises_reads_back_and_stays_bounded(drawn: tuple[Snapshot, int]) -> None:
     snapshot, text_chars = drawn
