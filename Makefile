@@ -45,7 +45,7 @@ help:
 	@echo "make typecheck    mypy --strict over memwatch"
 	@echo "make corpus       the detection corpus under real servers (not yet in make test)"
 	@echo "make soak         long soak tests (MEMWATCH_SOAK=1 pytest -m soak)"
-	@echo "make bench        benchmarks/run.py, if present"
+	@echo "make bench        benchmarks/run.py (installs the bench extra; BENCH_ARGS='--only scrape')"
 	@echo "make venv         create .venv and pip install -e '.[test,all]'"
 	@echo "make system-deps  apt-get install prometheus, chromium, wrk when missing (root only)"
 	@echo "make clean        remove the venv, caches and build output"
@@ -105,9 +105,19 @@ test-unit: venv
 soak: venv system-deps
 	@export MEMWATCH_SOAK=1; $(call run_pytest,-m soak --timeout=$(SOAK_TIMEOUT))
 
-bench: venv system-deps
+BENCH_STAMP := $(VENV)/.bench.stamp
+
+# The bench extra (the alternatives compared with memwatch), on top of the venv.
+$(BENCH_STAMP): $(STAMP) setup.cfg
+	$(VPY) -m pip install -e '.[test,all,bench]'
+	@touch $@
+
+# Extra arguments for benchmarks/run.py, e.g. `make bench BENCH_ARGS='--only scrape --out results'`.
+BENCH_ARGS ?=
+
+bench: venv system-deps $(BENCH_STAMP)
 	@if [ -f benchmarks/run.py ]; then \
-	  $(VPY) benchmarks/run.py; \
+	  $(VPY) benchmarks/run.py $(BENCH_ARGS); \
 	else \
 	  echo "bench: benchmarks/run.py does not exist yet, nothing to run"; \
 	fi

@@ -115,9 +115,9 @@ class ASGIMiddleware:
 
     def _tag(self, scope: Scope) -> Tag | None:
         try:
-            auth = self.monitor.auth.from_scope(scope)[0]
+            auth, credential = self.monitor.auth.from_scope(scope)
             return self.monitor.window_tag(
-                scope.get("path") or "/", scope.get("method") or "GET", auth
+                scope.get("path") or "/", scope.get("method") or "GET", auth, credential
             )
         except Exception as exc:
             self.monitor.errors.record("asgi.tag", exc)

@@ -60,6 +60,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"No leak suspected (status: {leak.get('status', 'unknown')})")
     if leak.get("advice"):
         lines.append(f"Advice: {leak['advice']}")
+        detail = leak.get("advice_detail") or {}
+        for item in (detail.get("evidence") or [])[:6]:
+            lines.append(f"  - {item}")
+        if detail.get("stopgap"):
+            lines.append(f"  {detail['stopgap']}")
     routes = report.get("routes") or []
     if routes:
         lines.append("")

@@ -27,8 +27,10 @@ evaluated and the verdict names the signal with the strongest evidence.
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from memwatch.config import Config
@@ -37,7 +39,9 @@ from memwatch.stats import lower_envelope_points, mann_kendall, plateau_test, th
 
 SIGNALS = ("heap", "rss", "traced")
 MIN_POINTS = 16  # envelope points needed before any verdict (the plateau test needs 16)
-MAX_PAIRS = 1000  # pairwise slopes per Theil-Sen fit: bounds an evaluation to about a millisecond
+MAX_PAIRS = 1000
+# Heap blocks the suspected growth should add between the two readings of a collect check.
+CHECK_BLOCKS = 500  # pairwise slopes per Theil-Sen fit: bounds an evaluation to about a millisecond
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class Verdict:
     trends: dict[str, SignalTrend] = field(default_factory=dict)
     evaluations: int = 0
     alerts: int = 0
+    # The last collect check: heap growth between two full collections, bytes per request.
+    collected_bytes_per_request: float | None = None
 
 
 def signal_series(samples: Sequence[Sample], signal: str, heap_block_bytes: float) -> tuple[
@@ -98,16 +104,100 @@ def signal_series(samples: Sequence[Sample], signal: str, heap_block_bytes: floa
     return xs, ts, ys
 
 
+@dataclass(frozen=True)
+class Collected:
+    """The heap, in blocks, right after a full collection, and the requests finished then."""
+
+    requests: int
+    blocks: int
+
+
+class CollectCheck:
+    """Tells retained heap growth from growth that a full garbage collection gives back.
+
+    Between two collections of the oldest generation (rare in a large process: it waits until
+    the objects promoted since the last one reach a quarter of all long-lived objects) two kinds
+    of memory pile up without being retained by anything: cyclic garbage that happened to be
+    alive during a younger collection and was promoted, and freed objects parked in the
+    interpreter's free lists (tuples, lists, dicts, floats, frames), whose high-water mark
+    creeps up. Both grow the heap-block count steadily for tens of thousands of requests, like
+    a leak of a few to a few dozen bytes per request; both go away at ``gc.collect()``. The
+    only reading that separates them from a leak is the heap right after a full collection.
+
+    So a heap-only suspicion is confirmed by two collected readings at least ``min_requests``
+    apart (:meth:`check`): growth between them is retained. Two collections per suspicion,
+    never per request; the collections are timed (``seconds``) so that the caller can keep
+    them out of its own cost accounting.
+
+    :param read: the heap-block reading (the monitor's signals seam).
+    :param min_requests: fewest requests between the two readings of a check.
+    :param collect: the full collection (a seam for tests).
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], int],
+        *,
+        min_requests: int,
+        collect: Callable[[], object] = gc.collect,
+    ) -> None:
+        self._read = read
+        self._collect = collect
+        self.min_requests = min_requests
+        self.anchor: Collected | None = None
+        self.rate: float | None = None  # bytes per request between the last two readings
+        self.collections = 0
+        self.seconds = 0.0  # thread CPU time spent collecting and reading
+
+    def reading(self, requests: int) -> Collected:
+        start = time.thread_time()
+        try:
+            self._collect()
+            return Collected(requests, self._read())
+        finally:
+            self.collections += 1
+            self.seconds += time.thread_time() - start
+
+    def check(
+        self, requests: int, block_bytes: float, max_age: int, span: int = 0
+    ) -> float | None:
+        """Retained growth, bytes per request, from the anchor reading to a reading now.
+
+        None while the check is under way: the anchor is taken now (the first call, or the
+        anchor is older than ``max_age`` requests, so that an old anchor does not dilute a
+        recent leak), or it is younger than ``min_requests`` (or than ``span``, the caller's
+        estimate of the requests a measurable growth takes). A finished check's reading
+        becomes the next anchor.
+        """
+        anchor = self.anchor
+        if anchor is None or requests - anchor.requests > max(max_age, span):
+            self.anchor = self.reading(requests)
+            return None
+        if requests - anchor.requests < max(self.min_requests, span):
+            return None
+        point = self.reading(requests)
+        self.anchor = point
+        grown = (point.blocks - anchor.blocks) * block_bytes
+        self.rate = grown / (point.requests - anchor.requests)
+        return self.rate
+
+
 class Detector:
     """Turns the sample history into a :class:`Verdict`; call :meth:`evaluate` per new sample.
 
     Not thread-safe: the monitor calls it from whichever thread holds its sampling lock.
+
+    :param config: the options.
+    :param collect_check: confirms heap-only suspicions with full collections (see
+        :class:`CollectCheck`); None reports them on the trend alone.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, collect_check: CollectCheck | None = None) -> None:
         self.config = config
         self.verdict = Verdict()
+        self.collect_check = collect_check
         self._streak = 0  # consecutive suspected (>0) or clean (<0) evaluations
+        self._retained = False  # a collect check confirmed the current suspicion
 
     @property
     def confirming(self) -> bool:
@@ -170,17 +260,23 @@ class Detector:
             verdict.status = "warming_up" if has_data or not samples else "unknown"
             return verdict
         suspects = [t for t in trends.values() if t.suspected]
+        waiting = False
+        if suspects and not verdict.suspected:
+            suspects, waiting = self._check_collected(window, trends, suspects)
+        if not suspects and not verdict.suspected:
+            self._retained = False  # a later suspicion is checked afresh
         if suspects:
             self._streak = self._streak + 1 if self._streak > 0 else 1
         else:
             self._streak = self._streak - 1 if self._streak < 0 else -1
-        if not verdict.suspected and self._streak >= cfg.confirm:
+        if not verdict.suspected and self._streak >= cfg.confirm and not waiting:
             verdict.suspected = True
             verdict.since_wall = now_wall
             verdict.alerts += 1
         elif verdict.suspected and -self._streak >= cfg.clear:
             verdict.suspected = False
             verdict.since_wall = None
+            self._retained = False
         if verdict.suspected and suspects:
             best = _strongest(suspects)
             verdict.signal = best.signal
@@ -192,6 +288,44 @@ class Detector:
             verdict.bytes_per_request = verdict.bytes_per_second = verdict.confidence = None
         verdict.status = "suspected" if verdict.suspected else "ok"
         return verdict
+
+
+    def _check_collected(
+        self,
+        window: Sequence[Sample],
+        trends: dict[str, SignalTrend],
+        suspects: list[SignalTrend],
+    ) -> tuple[list[SignalTrend], bool]:
+        """Runs the collect check on a heap-only suspicion: (suspects left, still waiting).
+
+        RSS growth is not checked (a collection rarely returns pages to the system, and RSS
+        needs a larger growth rate to be suspected at all).
+        """
+        check = self.collect_check
+        if check is None or self._retained or any(t.signal == "rss" for t in suspects):
+            return suspects, False
+        requests = window[-1].requests
+        max_age = max(window[-1].requests - window[0].requests, 2 * check.min_requests)
+        # Long enough for the suspected growth to add CHECK_BLOCKS blocks: the collected heap
+        # still moves by a few hundred blocks from one reading to the next (caches turning
+        # over, requests in flight on other threads).
+        low = max(min((t.low or 0.0) for t in suspects), self.min_rate("heap"))
+        span = math.ceil(CHECK_BLOCKS * self.config.heap_block_bytes / low)
+        rate = check.check(requests, self.config.heap_block_bytes, max_age, span)
+        if rate is None:
+            return suspects, True
+        self.verdict.collected_bytes_per_request = rate
+        best = max(t.bytes_per_request or 0.0 for t in suspects)
+        if rate >= max(self.min_rate("heap"), 0.25 * best):
+            self._retained = True
+            return suspects, False
+        reason = (
+            f"a full collection reclaimed the growth (retained {rate:.1f} B/request between "
+            "collections): garbage or free lists, not a leak"
+        )
+        for t in suspects:
+            trends[t.signal] = _with(t, suspected=False, reason=reason)
+        return [], False
 
 
 def _with(trend: SignalTrend, **changes: object) -> SignalTrend:

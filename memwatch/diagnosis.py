@@ -38,13 +38,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memwatch.config import Config
-from memwatch.holders import Census, Holder, backref_holders, grown, take_census
+from memwatch.holders import (
+    Census,
+    Holder,
+    backref_holders,
+    describe_all,
+    extension_modules,
+    grown,
+    take_census,
+)
 
 RouteKey = tuple[str, str, str]
 
 TRAMPOLINE_PREFIX = "<memwatch request "
 MAX_TAGS = 512
 MAX_SITES = 10
+# Requests of each kind (first-seen credential, known credential) a window needs before it says
+# whether growth follows credentials.
+MIN_SPLIT_REQUESTS = 8
 
 _MEMWATCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _DEMO_DIR = os.path.join(_MEMWATCH_DIR, "demo")
@@ -124,16 +135,52 @@ class DiagnosisResult:
     holder_search_partial: bool = False
     raw_sites: list[tuple[str, int]] = field(default_factory=list)  # absolute paths, for chains
     error: str | None = None
+    # Tagged requests per (route, method, auth) over the whole window: the denominators of the
+    # holders' entries per request (memwatch.advice).
+    route_requests: dict[RouteKey, int] = field(default_factory=dict)
+    extension_modules: list[str] = field(default_factory=list)  # loaded, not the stdlib's
+    # What requests with a first-seen credential kept against requests with a known one, in
+    # the second half (only requests whose credential the first-seen filter samples).
+    credentials: CredentialSplit | None = None
+
+
+@dataclass(frozen=True)
+class CredentialSplit:
+    """Second-half retention of requests that brought a new credential and of the others."""
+
+    new_requests: int
+    new_bytes: int
+    known_requests: int
+    known_bytes: int
+
+    def scales_with(self, minimum: float) -> str | None:
+        """``distinct_credentials`` when new credentials keep at least ``minimum`` bytes each
+        and known ones under a quarter of that; ``requests`` when known ones keep at least
+        half as much; None when too few requests of either kind were seen to tell."""
+        if self.new_requests < MIN_SPLIT_REQUESTS or self.known_requests < MIN_SPLIT_REQUESTS:
+            return None
+        new = self.new_bytes / self.new_requests
+        known = self.known_bytes / self.known_requests
+        if new >= minimum and known <= 0.25 * new:
+            return "distinct_credentials"
+        if known >= minimum and known >= 0.5 * new:
+            return "requests"
+        return None
 
 
 class Tag:
-    """A trampoline (one per request key in a window) and the window it belongs to."""
+    """A trampoline (one per request key in a window) and the window it belongs to.
 
-    __slots__ = ("asgi", "index", "window", "wsgi")
+    ``novel`` says whether the requests it carries brought a first-seen credential (True), a
+    known one (False), or either / no credential / not sampled (None).
+    """
 
-    def __init__(self, index: int, window: Window) -> None:
+    __slots__ = ("asgi", "index", "novel", "window", "wsgi")
+
+    def __init__(self, index: int, window: Window, novel: bool | None = None) -> None:
         self.index = index
         self.window = window
+        self.novel = novel
         namespace: dict[str, Any] = {}
         source = (
             "def wsgi(app, environ, start_response):\n"
@@ -175,9 +222,12 @@ class Window:
         self.frames = 0
         self.before: tracemalloc.Snapshot | None = None
         self.middle: tracemalloc.Snapshot | None = None
-        self._tags: dict[tuple[str, str, str], Tag] = {}
+        self._tags: dict[tuple[str, str, str, bool | None], Tag] = {}
+        self._novel: dict[int, bool] = {}  # trampoline index -> novel, for sampled credentials
+        self.novel_counts: Counter[bool] = Counter()  # second-half requests, by novelty
         self._overflow: Tag | None = None
         self.labels: dict[int, Counter[RouteKey]] = {}  # all requests, per trampoline
+        self._places: dict[tuple[str, int], str] = {}  # allocation site -> "file:line"
         self.half_counts: tuple[Counter[RouteKey], Counter[RouteKey]] = (Counter(), Counter())
 
     def prepare(self) -> None:
@@ -197,15 +247,22 @@ class Window:
             self.busy = False
             self.tagging = True
 
-    def tag_for(self, key: tuple[str, str, str]) -> Tag | None:
-        """The trampoline for a request entering now, or None while the window drains."""
+    def tag_for(self, key: tuple[str, str, str], novel: bool | None = None) -> Tag | None:
+        """The trampoline for a request entering now, or None while the window drains.
+
+        :param novel: the request brought a first-seen credential (True), a known one (False),
+            or it is not known (None).
+        """
         with self.lock:
             if not self.tagging:
                 return None
-            tag = self._tags.get(key)
+            full = (*key, novel)
+            tag = self._tags.get(full)
             if tag is None:
                 if len(self._tags) < MAX_TAGS:
-                    tag = self._tags[key] = Tag(len(self._tags), self)
+                    tag = self._tags[full] = Tag(len(self._tags), self, novel)
+                    if novel is not None:
+                        self._novel[tag.index] = novel
                 else:
                     if self._overflow is None:
                         self._overflow = Tag(MAX_TAGS, self)
@@ -226,6 +283,8 @@ class Window:
             if label is not None:
                 self.labels.setdefault(tag.index, Counter())[label] += 1
                 self.half_counts[self.half - 1][label] += 1
+            if tag.novel is not None and self.half == 2:
+                self.novel_counts[tag.novel] += 1
 
     def should_drain(self) -> bool:
         cfg = self.config
@@ -267,6 +326,8 @@ class Window:
             )
             self._analyse(after, result)
             del after
+            result.route_requests = dict(self.half_counts[0] + self.half_counts[1])
+            result.extension_modules = extension_modules()
             self._find_holders(result)
         finally:
             if self.own_tracing:
@@ -276,10 +337,11 @@ class Window:
 
     def _find_holders(self, result: DiagnosisResult) -> None:
         """Census differences first; back-reference chains from the top sites otherwise."""
-        after = take_census()
+        after = take_census(keep=True)
         before = self.census or after
         minimum = max(10, self.tagged_requests // 20)
-        holders = grown(before, after, minimum)
+        holders = describe_all(grown(before, after, minimum), after.refs, self._origin)
+        after.refs.clear()  # references to the app's containers: not kept past this window
         partial = before.partial or after.partial
         if not holders and result.raw_sites:
             chained, cut = backref_holders(result.raw_sites[:3])
@@ -290,6 +352,20 @@ class Window:
         growth = [(name, count - self.typestats.get(name, 0)) for name, count in now.items()]
         result.types = sorted((g for g in growth if g[1] > 0), key=lambda g: -g[1])[:10]
 
+    def _origin(self, obj: Any) -> tuple[RouteKey | None, str | None]:
+        """The request (route, method, auth) and the line that allocated ``obj`` in this
+        window; None, None for an object from before it."""
+        traceback = tracemalloc.get_object_traceback(obj)
+        if traceback is None:
+            return None, None
+        site = _site(list(traceback))
+        where = None
+        if site is not None:
+            where = self._places.get(site)
+            if where is None:
+                where = self._places[site] = f"{display_path(site[0])}:{site[1]}"
+        return self._route_of(traceback), where
+
     def _label_of(self, index: int) -> RouteKey | None:
         counter = self.labels.get(index)
         if not counter:
@@ -297,10 +373,8 @@ class Window:
         return counter.most_common(1)[0][0]
 
     def _route_of(self, traceback: tracemalloc.Traceback) -> RouteKey | None:
-        for frame in traceback:
-            if frame.filename.startswith(TRAMPOLINE_PREFIX):
-                return self._label_of(int(frame.filename[len(TRAMPOLINE_PREFIX) : -1]))
-        return None
+        index = _trampoline(traceback)
+        return self._label_of(index) if index is not None else None
 
     def _analyse(self, after: tracemalloc.Snapshot, result: DiagnosisResult) -> None:
         filters = [
@@ -319,12 +393,17 @@ class Window:
             if route is not None:
                 first_bytes[route] += d.size_diff
         second_bytes: Counter[RouteKey] = Counter()
+        novel_bytes: Counter[bool] = Counter()
         sites: list[SiteStat] = []
         unattributed = 0
         for diff in second:
-            route = self._route_of(diff.traceback)
+            index = _trampoline(diff.traceback)
+            route = self._label_of(index) if index is not None else None
             if route is not None:
                 second_bytes[route] += diff.size_diff
+            novel = self._novel.get(index) if index is not None else None
+            if novel is not None:
+                novel_bytes[novel] += diff.size_diff
             elif diff.size_diff > 0:
                 unattributed += diff.size_diff
             if diff.size_diff <= 0:
@@ -352,6 +431,13 @@ class Window:
             )
         result.sites = _merge_sites(sites)[:MAX_SITES]
         result.unattributed_bytes = unattributed
+        if self.novel_counts:
+            result.credentials = CredentialSplit(
+                new_requests=self.novel_counts[True],
+                new_bytes=novel_bytes[True],
+                known_requests=self.novel_counts[False],
+                known_bytes=novel_bytes[False],
+            )
         first_n, second_n = self.half_counts
         routes = []
         for key in set(first_bytes) | set(second_bytes):
@@ -368,6 +454,14 @@ class Window:
                 )
             )
         result.routes = sorted(routes, key=lambda r: -r.retained_bytes_per_request)
+
+
+def _trampoline(traceback: tracemalloc.Traceback) -> int | None:
+    """The index of the request trampoline in an allocation's traceback, if any."""
+    for frame in traceback:
+        if frame.filename.startswith(TRAMPOLINE_PREFIX):
+            return int(frame.filename[len(TRAMPOLINE_PREFIX) : -1])
+    return None
 
 
 def _typestats(budget_seconds: float = 1.0) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from html import escape as _html_escape
+from typing import Any
 
 from memwatch.report import HistoryPoint, Report
 
@@ -49,6 +50,8 @@ tr.suspected td{background:#fff0f0}
 code{font:.88rem ui-monospace,SFMono-Regular,Menlo,monospace}
 .muted{color:#59636e}
 svg{width:100%;height:auto}
+ul.evidence{margin:.2rem 0 .4rem 1.2rem;padding:0;font-size:.92rem}
+td.advice{white-space:normal;min-width:320px}
 """
 
 
@@ -105,6 +108,23 @@ _ROOT_HEAD = (
 )
 
 
+def _advice_block(line: str | None, detail: dict[str, Any] | None) -> str:
+    """The leak's advice: the sentence, its confidence, the evidence, and the stopgap."""
+    if not line:
+        return ""
+    if not detail:
+        return f'<div id="advice"><p><strong>Advice:</strong> {escape(line)}</p></div>'
+    evidence = "".join(f"<li>{escape(str(e))}</li>" for e in detail.get("evidence") or [])
+    stopgap = detail.get("stopgap")
+    return (
+        f'<div id="advice"><p><strong>Advice</strong> ({escape(str(detail.get("confidence")))})'
+        f": {escape(str(detail.get('text') or line))}</p>"
+        + (f'<ul class="evidence">{evidence}</ul>' if evidence else "")
+        + (f'<p class="muted">{escape(str(stopgap))}</p>' if stopgap else "")
+        + "</div>"
+    )
+
+
 def _table(table_id: str, head: str, rows: str) -> str:
     return (
         f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
@@ -135,7 +155,7 @@ def render(report: Report) -> str:
             "in this process, so it cannot tell whether it leaks: see internal errors below and "
             "memwatch's log.",
         }.get(leak.status, "No memory growth that looks like a leak has been detected.")
-    advice = f"<p><strong>Advice:</strong> {escape(leak.advice)}</p>" if leak.advice else ""
+    advice = _advice_block(leak.advice, leak.advice_detail)
     proc = report.process
     proc_line = (
         f"pid {proc.pid} · Python {escape(proc.python)} · {proc.requests:,} requests · RSS "
@@ -161,7 +181,7 @@ def render(report: Report) -> str:
         f"<tr><td><code>{escape(r.path)}</code></td><td>{escape(r.type)}</td>"
         f"<td class=num>{'' if r.length is None else f'{r.length:,}'}</td>"
         f"<td class=num>{'' if r.growth is None else f'{r.growth:,}'}</td>"
-        f"<td>{escape(r.advice or '')}</td></tr>"
+        f"<td class=advice>{escape(r.advice or '')}</td></tr>"
         for r in report.roots
     )
     none = '<p class="muted">None yet: a diagnosis window fills this in.</p>'

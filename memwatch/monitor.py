@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from memwatch.advice import UNDIAGNOSED, leak_advice
 from memwatch.attribution import (
     CHANNELS,
     Pair,
@@ -31,7 +32,7 @@ from memwatch.attribution import (
 )
 from memwatch.auth import AUTH_SCHEMES, AuthClassifier
 from memwatch.config import Config
-from memwatch.detector import Detector, Verdict
+from memwatch.detector import CollectCheck, Detector, Verdict
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag
 from memwatch.errors import InternalErrors, logger
 from memwatch.routes import RouteTable, normalize_path
@@ -51,6 +52,9 @@ MAX_EVAL_SPACING = 2000
 # 2**17 bits (16 KiB): small enough to stay in cache; rotated at 20 % saturation, that is about
 # 7,000 sampled (28,000 actual) credentials per filter.
 FIRST_SEEN_BITS = 2**17
+
+# Samples a snapshot carries (spread over the whole history): what the report's charts show.
+HISTORY_POINTS = 240
 
 OUTCOMES = ("ok", "rejected", "client_error", "server_error")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -179,7 +183,12 @@ class Monitor:
         self._closable: Probe | None = None
         self._heavy_share = 1.0
         self.attribution = {channel: RouteAttribution() for channel in CHANNELS}
-        self.detector = Detector(self.config)
+        check = None
+        if self.config.collect_check:
+            check = CollectCheck(
+                self.signals.heap_blocks, min_requests=self.config.collect_check_requests
+            )
+        self.detector = Detector(self.config, check)
         self.diagnosis = Diagnosis(self.config)
         self.diagnosis.on_result = self._diagnosed
         self.diagnosis.on_error = lambda exc: self.errors.record("diagnosis.finish", exc)
@@ -365,6 +374,8 @@ class Monitor:
     def evaluate(self) -> Verdict:
         """Runs the detector and attribution over the history; reports transitions."""
         start = time.thread_time()  # this thread's CPU: the cost the budget is about
+        check = self.detector.collect_check
+        collecting = check.seconds if check is not None else 0.0
         try:
             history = self.history.tail(self.config.window_samples)
             before = self.detector.verdict.suspected
@@ -372,7 +383,12 @@ class Monitor:
             self._update_attribution(history, verdict)
             if verdict.suspected != before:
                 self._transition(verdict)
-            self._eval_cost_us = (time.thread_time() - start) * 1e6
+            # A collect check's collections are rare and paid once, not at every evaluation:
+            # they stay out of the cost that spaces evaluations.
+            spent = time.thread_time() - start
+            if check is not None:
+                spent -= check.seconds - collecting
+            self._eval_cost_us = max(spent, 0.0) * 1e6
             mode = self.config.diagnosis
             if (mode == "always" or (mode == "triggered" and verdict.suspected)) and (
                 self.diagnosis.can_start()
@@ -421,6 +437,12 @@ class Monitor:
             _xs, _ts, values = signal_series(window, verdict.signal, cfg.heap_block_bytes)
             if len(values) == len(window):
                 self.scales_with = scales_with(window, values, cfg.envelope_width)
+            split = diagnosed.credentials if diagnosed is not None else None
+            # A window measures it per request: better than the regression, which cannot tell
+            # the two apart when new credentials arrive at a steady share of the traffic.
+            measured = split.scales_with(minimum) if split is not None else None
+            if measured is not None:
+                self.scales_with = measured
         else:
             self.scales_with = None
 
@@ -434,14 +456,17 @@ class Monitor:
             self.errors.record("diagnosis.start", exc)
             return False
 
-    def window_tag(self, path: str, method: str, auth: str) -> Tag | None:
+    def window_tag(
+        self, path: str, method: str, auth: str, credential: str | None = None
+    ) -> Tag | None:
         """The trampoline for a request entering during a window; drives the window on."""
         diagnosis = self.diagnosis
         window = diagnosis.window
         if window is None:
             return None
         if window.tagging and not window.should_drain():
-            return window.tag_for((normalize_path(path), method_label(method), auth))
+            novel = self.credential_is_new(credential) if credential else None
+            return window.tag_for((normalize_path(path), method_label(method), auth), novel)
         window.tagging = False
         if window.ready():
             try:
@@ -450,6 +475,19 @@ class Monitor:
                 self.errors.record("diagnosis.step", exc)
                 diagnosis.abandon()
         return None
+
+    def credential_is_new(self, credential: str) -> bool | None:
+        """Whether a credential has not been seen yet (True), has (False), or is not among
+        those the first-seen filter samples (None). Records nothing."""
+        fingerprint = self._fingerprinter.fingerprint(credential)
+        if fingerprint % FIRST_SEEN_SAMPLING:
+            return None
+        with self._lock:
+            old = self._first_seen_old
+            return not (
+                self._first_seen_filter.contains(fingerprint)
+                or (old is not None and old.contains(fingerprint))
+            )
 
     def _diagnosed(self, result: DiagnosisResult) -> None:
         logger.info(
@@ -463,25 +501,33 @@ class Monitor:
         self._update_attribution(
             self.history.tail(self.config.window_samples), self.detector.verdict
         )
+        if self.detector.verdict.suspected and not getattr(self, "_advice_logged", True):
+            from memwatch.report import log_leak_advice  # report imports this module
+
+            self._advice_logged = log_leak_advice(self.snapshot())
 
     def _transition(self, verdict: Verdict) -> None:
         """One WARNING when a leak is first suspected, one when it clears; then the callbacks."""
         if verdict.suspected:
             suspects = [e for e in self.route_estimates if e.suspected]
             where = ", ".join(f"{e.key[1]} {e.key[0]} auth={e.key[2]}" for e in suspects[:5])
+            advice = leak_advice(self.snapshot())
+            self._advice_logged = advice is not None and advice.shape != UNDIAGNOSED
             logger.warning(
                 "memwatch: memory leak suspected on %s: %.0f bytes/request, %.0f bytes/s, "
-                "confidence %.4f; routes: %s; scales with %s",
+                "confidence %.4f; routes: %s; scales with %s; advice: %s",
                 verdict.signal,
                 verdict.bytes_per_request or 0.0,
                 verdict.bytes_per_second or 0.0,
                 verdict.confidence or 0.0,
                 where or "not yet attributed",
                 self.scales_with or "unknown",
+                advice.log_text() if advice else "none",
                 extra={
                     "memwatch_event": "leak_suspected",
                     "memwatch_signal": verdict.signal,
                     "memwatch_routes": [list(e.key) for e in suspects[:5]],
+                    "memwatch_advice": advice.as_dict() if advice else None,
                 },
             )
             callback = self.on_leak
@@ -565,7 +611,7 @@ class Monitor:
             counts=counts,
             deltas=deltas,
             distinct_credentials=distinct,
-            history=list(self.history),
+            history=self.history.thinned(HISTORY_POINTS),
             internal_errors=self.errors.total,
             routes_overflowed=self.routes.overflowed,
             verdict=dataclasses.replace(self.detector.verdict),

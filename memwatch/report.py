@@ -16,10 +16,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from memwatch.monitor import Snapshot
+from memwatch.advice import UNDIAGNOSED, advise, context_of, leak_advice
+from memwatch.errors import logger
+from memwatch.monitor import HISTORY_POINTS, Snapshot
 
 MAX_ROUTES_IN_REPORT = 200
-MAX_HISTORY_POINTS = 240
+MAX_HISTORY_POINTS = HISTORY_POINTS
 MAX_TRACEBACK = 16
 MAX_SITES_IN_REPORT = 10  # what a diagnosis window keeps anyway; held here too, whatever comes
 MAX_ROOTS_IN_REPORT = 10
@@ -36,7 +38,13 @@ class Leak:
     confidence: float | None = None
     since: str | None = None
     scales_with: str | None = None
+    # Heap growth between two full collections (the collect check that confirmed or rejected
+    # the last heap suspicion), bytes per request.
+    collected_growth_bytes_per_request: float | None = None
     advice: str | None = None
+    # The advice in full (memwatch.advice.Advice.as_dict): text, shape, confidence, holder,
+    # evidence, stopgap. Additive: ``advice`` stays the one-line string.
+    advice_detail: dict[str, Any] | None = None
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Root:
     length: int | None
     growth: int | None
     advice: str | None = None
+    advice_detail: dict[str, Any] | None = None
 
 
 @dataclass
@@ -152,6 +161,7 @@ def leak_of(snapshot: Snapshot) -> Leak:
         confidence=_round(v.confidence, 6),
         since=isoformat(v.since_wall) if v.since_wall is not None else None,
         scales_with=snapshot.scales_with if v.suspected else None,
+        collected_growth_bytes_per_request=_round(v.collected_bytes_per_request),
     )
 
 
@@ -205,6 +215,10 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
     sites: list[Site] = []
     roots: list[Root] = []
     types_grown: list[TypeGrowth] = []
+    leak = leak or leak_of(snapshot)
+    top, per_holder = advise(window, context_of(snapshot))
+    if top is not None and leak.suspected:
+        leak.advice, leak.advice_detail = top.line, top.as_dict()
     if window is not None:
         diagnosis.last_reason = window.reason
         diagnosis.last_started = isoformat(window.started_wall)
@@ -214,8 +228,15 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         diagnosis.unattributed_bytes = window.unattributed_bytes
         diagnosis.holder_search_partial = window.holder_search_partial
         roots = [
-            Root(path=h.path, type=h.type, length=h.length, growth=h.growth)
-            for h in window.holders[:MAX_ROOTS_IN_REPORT]
+            Root(
+                path=h.path,
+                type=h.type,
+                length=h.length,
+                growth=h.growth,
+                advice=a.line,
+                advice_detail=a.as_dict(),
+            )
+            for h, a in zip(window.holders[:MAX_ROOTS_IN_REPORT], per_holder, strict=False)
         ]
         types_grown = [
             TypeGrowth(type=name, growth=n) for name, n in window.types[:MAX_TYPES_IN_REPORT]
@@ -231,7 +252,7 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
             for s in window.sites[:MAX_SITES_IN_REPORT]
         ]
     return Report(
-        leak=leak or leak_of(snapshot),
+        leak=leak,
         routes=routes,
         sites=sites,
         roots=roots,
@@ -242,6 +263,20 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         generated_at=isoformat(now),
         version=__version__,
     )
+
+
+def log_leak_advice(snapshot: Snapshot) -> bool:
+    """Logs the advice for a suspected leak once a diagnosis window has given some (the leak
+    warning itself is logged before the window that the suspicion opens). True if logged."""
+    advice = leak_advice(snapshot)
+    if advice is None or advice.shape == UNDIAGNOSED:
+        return False
+    logger.warning(
+        "memwatch: advice for the suspected memory leak: %s",
+        advice.log_text(),
+        extra={"memwatch_event": "leak_advice", "memwatch_advice": advice.as_dict()},
+    )
+    return True
 
 
 def _thin(samples: list[Any]) -> list[HistoryPoint]:

@@ -128,6 +128,24 @@ class SampleRing:
         first = max(self._len - count, 0)
         return [self._at((self._start + k) % self.capacity) for k in range(first, self._len)]
 
+    def thinned(self, max_points: int) -> list[Sample]:
+        """At most ``max_points`` samples spread evenly over the ring, the last one included.
+
+        Only those are built: readers of the whole history (the report, every scrape) would
+        otherwise build up to ``capacity`` Sample objects per read, and the peak raises the
+        interpreter's free lists, which memwatch's own detector sees as heap growth.
+        """
+        n = self._len
+        if n == 0:
+            return []
+        # Every step-th sample from the first, plus the last: ceil((n - 1) / (max - 1)) keeps
+        # that within max_points.
+        step = max(1, -(-(n - 1) // max(max_points - 1, 1)))
+        picks = list(range(0, n, step))
+        if picks[-1] != n - 1:
+            picks.append(n - 1)
+        return [self._at((self._start + k) % self.capacity) for k in picks]
+
     def __iter__(self) -> Iterator[Sample]:
         for k in range(self._len):
             yield self._at((self._start + k) % self.capacity)

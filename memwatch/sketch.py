@@ -338,6 +338,19 @@ class FirstSeenFilter:
             position += step
         return first
 
+    def contains(self, h: int) -> bool:
+        """True if the fingerprint was (probably) recorded; records nothing."""
+        array = self._array
+        mask = self._mask
+        position = h & 0xFFFFFFFF
+        step = ((h >> 32) & 0xFFFFFFFF) | 1
+        for _ in range(self._hashes):
+            bit = position & mask
+            if not array[bit >> 3] & (1 << (bit & 7)):
+                return False
+            position += step
+        return True
+
     def saturation(self) -> float:
         """Fraction of bits set, in [0, 1]; kept as a running count, so O(1)."""
         return self._set_bits / self._nbits

@@ -57,9 +57,12 @@ class EnvironRecorder:
     def tag_request(self, environ: Environ) -> Tag | None:
         """The request's trampoline while a diagnosis window runs. Never raises."""
         try:
-            auth = self.monitor.auth.from_environ(environ)[0]
+            auth, credential = self.monitor.auth.from_environ(environ)
             return self.monitor.window_tag(
-                environ.get("PATH_INFO") or "/", environ.get("REQUEST_METHOD") or "GET", auth
+                environ.get("PATH_INFO") or "/",
+                environ.get("REQUEST_METHOD") or "GET",
+                auth,
+                credential,
             )
         except Exception as exc:
             self.monitor.errors.record(self.kind + ".tag", exc)
@@ -189,6 +192,15 @@ class WSGIMiddleware(EnvironRecorder):
         return [response.body]
 
 
+_NO_ENVIRON: Environ = {}  # a closed response's environ (never written to)
+
+
+def _closed_start_response(
+    status: str, headers: Headers, exc_info: ExcInfo | None = None
+) -> t.Callable[[bytes], object]:
+    raise RuntimeError("start_response called after the response was closed")
+
+
 class _Response:
     """The app's response iterable, passed through untouched, with a ``close()`` that records."""
 
@@ -239,7 +251,16 @@ class _Response:
     def finish(self) -> None:
         if not self.closed:
             self.closed = True
-            self._middleware.finish(self._environ, self.status, self.entry, self.tag)
+            try:
+                self._middleware.finish(self._environ, self.status, self.entry, self.tag)
+            finally:
+                # Servers and test drivers often keep the response in a closure that the
+                # start_response callable captures: without these references nothing of the
+                # request can form a cycle through memwatch (cyclic garbage waits for the
+                # collector and looks like growth).
+                self.iterable = ()
+                self._environ = _NO_ENVIRON
+                self._start_response = _closed_start_response
 
     def close(self) -> None:
         if self.closed:

@@ -288,3 +288,36 @@ def test_route_label_set_is_bounded() -> None:
         or 0
         for r in routes - {"__other__"}
     )
+
+
+def test_fast_text_exposition_is_generate_latest_line_for_line() -> None:
+    # GIVEN every family filled: routes that need escaping, histograms, distinct credentials
+    heap = iter(range(10_000, 10**9, 10))
+    monitor, registry = setup(
+        heap=lambda: next(heap), warmup_requests=0, request_sample_rate=1.0, pair_budget_us=1e6
+    )
+    routes = ["/plain", '/quo"te', "/back\\slash", "/new\nline", "/comma,x=1"]
+    for i in range(400):
+        serve(
+            monitor,
+            routes[i % len(routes)],
+            method=("GET", "POST", "BREW")[i % 3],
+            auth=("bearer", "basic", "anonymous")[i % 3],
+            credential=f"c{i}" if i % 3 < 2 else None,
+            status=(200, 401, 404, 500)[i % 4],
+        )
+    monitor.take_sample()
+    # WHEN memwatch's own writer and prometheus_client's encoder render the same registry
+    _, fast = render_metrics(registry, None)
+    slow = generate_latest(registry)
+
+    # THEN they hold the same lines (the heap reading moves between the two reads)
+    def lines(body: bytes) -> list[str]:
+        return sorted(
+            line
+            for line in body.decode().splitlines()
+            if not line.startswith("memwatch_python_heap_blocks ")
+        )
+
+    assert lines(fast) == lines(slow)
+    assert '\\"' in fast.decode() and "\\n" in fast.decode()

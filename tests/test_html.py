@@ -41,6 +41,8 @@ OWN_TAGS = {
     "td",
     "code",
     "br",
+    "ul",  # the advice's evidence
+    "li",
     "svg",
     "rect",
     "line",

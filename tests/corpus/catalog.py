@@ -112,6 +112,8 @@ class Case:
         description: one line for the table.
         pools: credential pools by auth scheme (defaults: :data:`DEFAULT_POOLS`).
         max_requests: where a run stops if nothing settled it earlier.
+        module: the module that holds ``app``, when not ``tests.corpus.<name>`` (a fixed twin,
+            see :func:`fixed_twin`).
     """
 
     name: str
@@ -123,11 +125,16 @@ class Case:
     description: str
     pools: dict[str, Pool] = field(default_factory=lambda: dict(DEFAULT_POOLS))
     max_requests: int = 20_000
+    module: str | None = None
+
+    @property
+    def module_name(self) -> str:
+        return self.module or f"tests.corpus.{self.name}"
 
     @property
     def target(self) -> str:
         """``module:attribute`` for gunicorn and uvicorn (run from the repository root)."""
-        return f"tests.corpus.{self.name}:app"
+        return f"{self.module_name}:app"
 
     @property
     def leaking(self) -> bool:
@@ -403,3 +410,11 @@ CASES: tuple[Case, ...] = (
 BY_NAME: dict[str, Case] = {case.name: case for case in CASES}
 LEAKING: tuple[Case, ...] = tuple(c for c in CASES if c.leaking)
 CLEAN: tuple[Case, ...] = tuple(c for c in CASES if not c.leaking)
+
+
+def fixed_twin(case: Case) -> Case:
+    """The clean twin of a leaking case: ``tests.corpus.fixed.<name>``, its app with the change
+    memwatch's advice names applied, under the same server and traffic."""
+    from dataclasses import replace
+
+    return replace(case, module=f"tests.corpus.fixed.{case.name}", leak=None)

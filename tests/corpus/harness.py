@@ -51,6 +51,8 @@ class CaseResult:
     warnings: list[str] = field(default_factory=list)
     polls: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The last report's diagnosis evidence (sites, roots, types), for tuning and for the advice.
+    evidence: dict[str, Any] = field(default_factory=dict)
     unexpected_statuses: dict[str, int] = field(default_factory=dict)
     server_log_tail: str = ""
 
@@ -104,10 +106,13 @@ def run_case(
         )
         report_status, report_body = fetch(server.port, "/memwatch/report.json")
         history: list[dict[str, Any]] = []
+        evidence: dict[str, Any] = {}
         if report_status == 200:
             import json
 
-            history = json.loads(report_body).get("history") or []
+            report = json.loads(report_body)
+            history = report.get("history") or []
+            evidence = {k: report.get(k) for k in ("leak", "sites", "roots", "types", "diagnosis")}
         log_tail = server.log_tail()
 
     result = CaseResult(
@@ -121,6 +126,7 @@ def run_case(
         alerts_total=alerts,
         polls=[p.brief() for p in stats.polls],
         history=history,
+        evidence=evidence,
         unexpected_statuses=dict(stats.unexpected),
         server_log_tail=log_tail,
     )

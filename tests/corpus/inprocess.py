@@ -33,7 +33,7 @@ from collections.abc import Callable, Generator, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.corpus.catalog import BY_NAME, Case
+from tests.corpus.catalog import BY_NAME, Case, fixed_twin
 from tests.corpus.traffic import Request, Traffic, metric_value, poll_from_report
 
 SOAK_POLL_EVERY = 500
@@ -173,7 +173,7 @@ def _check(request: Request, status: int) -> bool:
 
 def soak(case: Case, requests: int, seed: int) -> dict[str, Any]:
     """``requests`` requests through the wrapped app; every poll's verdict."""
-    module = importlib.import_module(f"tests.corpus.{case.name}")
+    module = importlib.import_module(case.module_name)
     return run_script(module.app, _soak_script(case, requests, seed))
 
 
@@ -217,7 +217,7 @@ def measure(case: Case, warmup: int, requests: int, seed: int, *, traced: bool) 
     bounded structures that churn (an LRU cache, a capped deque) replace objects made before
     tracing with traced ones during that first stretch, which would otherwise count as growth.
     """
-    module = importlib.import_module(f"tests.corpus.{case.name}")
+    module = importlib.import_module(case.module_name)
     app = getattr(module.app, "app", module.app)  # memwatch's middleware keeps the app in .app
     return run_script(app, _measure_script(case, warmup, requests, seed, traced))
 
@@ -278,7 +278,10 @@ def run_in_subprocess(args: list[str], timeout: float) -> dict[str, Any]:
 def soak_in_subprocess(
     case: Case, requests: int, seed: int = 7, timeout: float = 280
 ) -> dict[str, Any]:
-    return run_in_subprocess(["soak", case.name, str(requests), "--seed", str(seed)], timeout)
+    twin = ["--fixed"] if case.module == fixed_twin(BY_NAME[case.name]).module else []
+    return run_in_subprocess(
+        ["soak", case.name, str(requests), "--seed", str(seed), *twin], timeout
+    )
 
 
 def measure_in_subprocess(
@@ -297,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--traced", dest="traced", action="store_true", default=True)
     parser.add_argument("--blocks", dest="traced", action="store_false", help="no tracemalloc")
+    parser.add_argument("--fixed", action="store_true", help="the case's fixed twin")
     args = parser.parse_args(argv)
-    case = BY_NAME[args.case]
+    case = fixed_twin(BY_NAME[args.case]) if args.fixed else BY_NAME[args.case]
     if args.mode == "soak":
         result = soak(case, args.requests, args.seed)
     else:
