@@ -39,9 +39,9 @@ from memwatch.stats import lower_envelope_points, mann_kendall, plateau_test, th
 
 SIGNALS = ("heap", "rss", "traced")
 MIN_POINTS = 16  # envelope points needed before any verdict (the plateau test needs 16)
-MAX_PAIRS = 1000
-# Heap blocks the suspected growth should add between the two readings of a collect check.
-CHECK_BLOCKS = 500  # pairwise slopes per Theil-Sen fit: bounds an evaluation to about a millisecond
+MAX_PAIRS = 1000  # pairwise slopes per Theil-Sen fit: bounds an evaluation to about a millisecond
+# Bytes the suspected growth should add between the two readings of a collect check.
+CHECK_BYTES = 32_768
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,10 @@ class Verdict:
     trends: dict[str, SignalTrend] = field(default_factory=dict)
     evaluations: int = 0
     alerts: int = 0
-    # The last collect check: heap growth between two full collections, bytes per request.
+    # The last collect check: heap growth between two full collections, and the allocator's
+    # bytes in use over the same requests, bytes per request.
     collected_bytes_per_request: float | None = None
+    collected_malloc_bytes_per_request: float | None = None
 
 
 def signal_series(samples: Sequence[Sample], signal: str, heap_block_bytes: float) -> tuple[
@@ -106,14 +108,16 @@ def signal_series(samples: Sequence[Sample], signal: str, heap_block_bytes: floa
 
 @dataclass(frozen=True)
 class Collected:
-    """The heap, in blocks, right after a full collection, and the requests finished then."""
+    """Readings right after a full collection, and the requests finished then."""
 
     requests: int
-    blocks: int
+    blocks: int  # Python heap blocks
+    malloc: int | None  # the C allocator's bytes in use, where it can be read
 
 
 class CollectCheck:
-    """Tells retained heap growth from growth that a full garbage collection gives back.
+    """Tells retained growth from growth that a full garbage collection gives back, and real
+    allocations from RSS that only fragmentation or per-thread arenas grew.
 
     Between two collections of the oldest generation (rare in a large process: it waits until
     the objects promoted since the last one reach a quarter of all long-lived objects) two kinds
@@ -123,15 +127,18 @@ class CollectCheck:
     creeps up. Both grow the heap-block count steadily for tens of thousands of requests, like
     a leak of a few to a few dozen bytes per request; both go away at ``gc.collect()``. The
     only reading that separates them from a leak is the heap right after a full collection.
+    RSS, for its part, also grows with fragmentation and the arenas that glibc gives each
+    thread; the allocator's bytes in use (``mallinfo2()``) do not.
 
-    So a heap-only suspicion is confirmed by two collected readings at least ``min_requests``
-    apart (:meth:`check`): growth between them is retained. Two collections per suspicion,
-    never per request; the collections are timed (``seconds``) so that the caller can keep
-    them out of its own cost accounting.
+    So a suspicion is confirmed by two collected readings at least ``min_requests`` apart
+    (:meth:`check`): growth between them is retained. Two collections per suspicion, never per
+    request; they are timed (``seconds``) so that the caller can keep them out of its own cost
+    accounting.
 
     :param read: the heap-block reading (the monitor's signals seam).
     :param min_requests: fewest requests between the two readings of a check.
     :param collect: the full collection (a seam for tests).
+    :param read_malloc: the allocator's bytes in use, or None where unknown.
     """
 
     def __init__(
@@ -140,12 +147,15 @@ class CollectCheck:
         *,
         min_requests: int,
         collect: Callable[[], object] = gc.collect,
+        read_malloc: Callable[[], int | None] | None = None,
     ) -> None:
         self._read = read
+        self._read_malloc = read_malloc
         self._collect = collect
         self.min_requests = min_requests
         self.anchor: Collected | None = None
-        self.rate: float | None = None  # bytes per request between the last two readings
+        self.rate: float | None = None  # heap bytes per request between the last two readings
+        self.malloc_rate: float | None = None  # allocator bytes per request, likewise
         self.collections = 0
         self.seconds = 0.0  # thread CPU time spent collecting and reading
 
@@ -153,7 +163,8 @@ class CollectCheck:
         start = time.thread_time()
         try:
             self._collect()
-            return Collected(requests, self._read())
+            malloc = self._read_malloc() if self._read_malloc is not None else None
+            return Collected(requests, self._read(), malloc)
         finally:
             self.collections += 1
             self.seconds += time.thread_time() - start
@@ -161,7 +172,8 @@ class CollectCheck:
     def check(
         self, requests: int, block_bytes: float, max_age: int, span: int = 0
     ) -> float | None:
-        """Retained growth, bytes per request, from the anchor reading to a reading now.
+        """Retained heap growth, bytes per request, from the anchor reading to a reading now
+        (and the allocator's in ``malloc_rate``).
 
         None while the check is under way: the anchor is taken now (the first call, or the
         anchor is older than ``max_age`` requests, so that an old anchor does not dilute a
@@ -177,8 +189,11 @@ class CollectCheck:
             return None
         point = self.reading(requests)
         self.anchor = point
-        grown = (point.blocks - anchor.blocks) * block_bytes
-        self.rate = grown / (point.requests - anchor.requests)
+        elapsed = point.requests - anchor.requests
+        self.rate = (point.blocks - anchor.blocks) * block_bytes / elapsed
+        self.malloc_rate = None
+        if point.malloc is not None and anchor.malloc is not None:
+            self.malloc_rate = (point.malloc - anchor.malloc) / elapsed
         return self.rate
 
 
@@ -247,6 +262,11 @@ class Detector:
         cfg = self.config
         window = [s for s in samples if s.requests >= cfg.warmup_requests]
         window = window[-cfg.window_samples :]
+        check = self.collect_check
+        if check is not None and check.anchor is None and window:
+            # The first collected reading when the warm-up ends, so that a suspicion arising
+            # later finds its check half done (it needs a reading from before the growth).
+            check.anchor = check.reading(window[-1].requests)
         trends: dict[str, SignalTrend] = {}
         for signal in SIGNALS:
             result = self.trend(window, signal)
@@ -296,36 +316,53 @@ class Detector:
         trends: dict[str, SignalTrend],
         suspects: list[SignalTrend],
     ) -> tuple[list[SignalTrend], bool]:
-        """Runs the collect check on a heap-only suspicion: (suspects left, still waiting).
+        """Runs the collect check on a suspicion: (suspects left, still waiting).
 
-        RSS growth is not checked (a collection rarely returns pages to the system, and RSS
-        needs a larger growth rate to be suspected at all).
+        Heap and traced growth are checked against the heap after a full collection; RSS
+        growth against the allocator's bytes in use (left unchecked where that cannot be read).
         """
         check = self.collect_check
-        if check is None or self._retained or any(t.signal == "rss" for t in suspects):
+        if check is None or self._retained:
             return suspects, False
         requests = window[-1].requests
         max_age = max(window[-1].requests - window[0].requests, 2 * check.min_requests)
-        # Long enough for the suspected growth to add CHECK_BLOCKS blocks: the collected heap
-        # still moves by a few hundred blocks from one reading to the next (caches turning
-        # over, requests in flight on other threads).
-        low = max(min((t.low or 0.0) for t in suspects), self.min_rate("heap"))
-        span = math.ceil(CHECK_BLOCKS * self.config.heap_block_bytes / low)
+        # Long enough for the suspected growth to add CHECK_BYTES: the collected readings still
+        # move by a few hundred blocks from one to the next (caches turning over, requests in
+        # flight on other threads).
+        span = max(
+            math.ceil(CHECK_BYTES / max(t.low or 0.0, self.min_rate(t.signal))) for t in suspects
+        )
         rate = check.check(requests, self.config.heap_block_bytes, max_age, span)
         if rate is None:
             return suspects, True
         self.verdict.collected_bytes_per_request = rate
-        best = max(t.bytes_per_request or 0.0 for t in suspects)
-        if rate >= max(self.min_rate("heap"), 0.25 * best):
-            self._retained = True
-            return suspects, False
-        reason = (
-            f"a full collection reclaimed the growth (retained {rate:.1f} B/request between "
-            "collections): garbage or free lists, not a leak"
-        )
+        self.verdict.collected_malloc_bytes_per_request = check.malloc_rate
+        kept: list[SignalTrend] = []
         for t in suspects:
+            if t.signal == "rss":
+                measured, what = check.malloc_rate, "the allocator's bytes in use"
+                if measured is None:
+                    kept.append(t)  # nothing to check it against here
+                    continue
+            else:
+                measured, what = rate, "the heap after a full collection"
+            # A real leak keeps about what the trend says; garbage and free lists leave little.
+            if measured >= max(self.min_rate(t.signal), 0.5 * (t.low or 0.0)):
+                kept.append(t)
+                continue
+            if t.signal == "rss":
+                reason = (
+                    f"RSS grew but {what} grew by {measured:.1f} B/request: fragmentation or "
+                    "allocator arenas, not a leak"
+                )
+            else:
+                reason = (
+                    f"a full collection reclaimed the growth ({what} grew by {measured:.1f} "
+                    "B/request): garbage or free lists, not a leak"
+                )
             trends[t.signal] = _with(t, suspected=False, reason=reason)
-        return [], False
+        self._retained = bool(kept)
+        return kept, False
 
 
 def _with(trend: SignalTrend, **changes: object) -> SignalTrend:

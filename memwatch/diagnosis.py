@@ -53,9 +53,10 @@ RouteKey = tuple[str, str, str]
 TRAMPOLINE_PREFIX = "<memwatch request "
 MAX_TAGS = 512
 MAX_SITES = 10
-# Requests of each kind (first-seen credential, known credential) a window needs before it says
+# Requests of each kind (first-seen credential, known credential; only the quarter of
+# credentials the first-seen filter samples can be told apart) a window needs before it says
 # whether growth follows credentials.
-MIN_SPLIT_REQUESTS = 8
+MIN_SPLIT_REQUESTS = 5
 
 _MEMWATCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _DEMO_DIR = os.path.join(_MEMWATCH_DIR, "demo")
@@ -139,14 +140,14 @@ class DiagnosisResult:
     # holders' entries per request (memwatch.advice).
     route_requests: dict[RouteKey, int] = field(default_factory=dict)
     extension_modules: list[str] = field(default_factory=list)  # loaded, not the stdlib's
-    # What requests with a first-seen credential kept against requests with a known one, in
-    # the second half (only requests whose credential the first-seen filter samples).
+    # What requests with a first-seen credential kept against requests with a known one, over
+    # the window (only requests whose credential the first-seen filter samples).
     credentials: CredentialSplit | None = None
 
 
 @dataclass(frozen=True)
 class CredentialSplit:
-    """Second-half retention of requests that brought a new credential and of the others."""
+    """What requests that brought a new credential kept in a window, and what the others kept."""
 
     new_requests: int
     new_bytes: int
@@ -224,7 +225,7 @@ class Window:
         self.middle: tracemalloc.Snapshot | None = None
         self._tags: dict[tuple[str, str, str, bool | None], Tag] = {}
         self._novel: dict[int, bool] = {}  # trampoline index -> novel, for sampled credentials
-        self.novel_counts: Counter[bool] = Counter()  # second-half requests, by novelty
+        self.novel_counts: Counter[bool] = Counter()  # tagged requests, by novelty
         self._overflow: Tag | None = None
         self.labels: dict[int, Counter[RouteKey]] = {}  # all requests, per trampoline
         self._places: dict[tuple[str, int], str] = {}  # allocation site -> "file:line"
@@ -283,7 +284,7 @@ class Window:
             if label is not None:
                 self.labels.setdefault(tag.index, Counter())[label] += 1
                 self.half_counts[self.half - 1][label] += 1
-            if tag.novel is not None and self.half == 2:
+            if tag.novel is not None:
                 self.novel_counts[tag.novel] += 1
 
     def should_drain(self) -> bool:
@@ -401,9 +402,6 @@ class Window:
             route = self._label_of(index) if index is not None else None
             if route is not None:
                 second_bytes[route] += diff.size_diff
-            novel = self._novel.get(index) if index is not None else None
-            if novel is not None:
-                novel_bytes[novel] += diff.size_diff
             elif diff.size_diff > 0:
                 unattributed += diff.size_diff
             if diff.size_diff <= 0:
@@ -431,6 +429,14 @@ class Window:
             )
         result.sites = _merge_sites(sites)[:MAX_SITES]
         result.unattributed_bytes = unattributed
+        # New against known credentials over the whole window: a credential-keyed cache keeps
+        # an entry per new credential in either half, and the two kinds of requests share the
+        # same transient allocations, so the whole window doubles the evidence.
+        for diff in whole.values():
+            index = _trampoline(diff.traceback)
+            novel = self._novel.get(index) if index is not None else None
+            if novel is not None:
+                novel_bytes[novel] += diff.size_diff
         if self.novel_counts:
             result.credentials = CredentialSplit(
                 new_requests=self.novel_counts[True],

@@ -186,7 +186,9 @@ class Monitor:
         check = None
         if self.config.collect_check:
             check = CollectCheck(
-                self.signals.heap_blocks, min_requests=self.config.collect_check_requests
+                self.signals.heap_blocks,
+                min_requests=self.config.collect_check_requests,
+                read_malloc=self.signals.malloc_in_use,
             )
         self.detector = Detector(self.config, check)
         self.diagnosis = Diagnosis(self.config)

@@ -41,6 +41,7 @@ class Leak:
     # Heap growth between two full collections (the collect check that confirmed or rejected
     # the last heap suspicion), bytes per request.
     collected_growth_bytes_per_request: float | None = None
+    collected_malloc_growth_bytes_per_request: float | None = None
     advice: str | None = None
     # The advice in full (memwatch.advice.Advice.as_dict): text, shape, confidence, holder,
     # evidence, stopgap. Additive: ``advice`` stays the one-line string.
@@ -162,6 +163,7 @@ def leak_of(snapshot: Snapshot) -> Leak:
         since=isoformat(v.since_wall) if v.since_wall is not None else None,
         scales_with=snapshot.scales_with if v.suspected else None,
         collected_growth_bytes_per_request=_round(v.collected_bytes_per_request),
+        collected_malloc_growth_bytes_per_request=_round(v.collected_malloc_bytes_per_request),
     )
 
 

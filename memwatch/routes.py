@@ -31,12 +31,14 @@ UNMATCHED = "__unmatched__"
 
 _MAX_SEGMENTS = 16
 _MAX_PATH = 512
-# Raw paths whose label is cached. 1,024 fills within the detector's warm-up even when every path
-# is new. At 4,096, a stream of distinct paths kept the cache churning through 300 KB dict
-# tables that, resized from gunicorn's worker threads, grew the worker's RSS by 2-3 MB over
-# 60,000 requests (the bare app: flat) and made memwatch's own RSS detector suspect a leak in
-# a clean app (tests/integration/test_soak.py); at 1,024 the creep is that of no cache at all.
-_NORMALISED_CACHE = 1024
+# Raw paths whose label is cached. Small enough to fill within the detector's warm-up for any
+# mix of paths: at 1,024, an app with about 1,000 distinct paths (ids from a catalogue) filled
+# it slowly, coupon-collector fashion, for thousands of requests after the warm-up, and
+# memwatch's detector took its own cache for a 25 B/request leak (the detection corpus's
+# wsgi_warmup_table). At 4,096, a stream of distinct paths kept the cache churning through
+# 300 KB dict tables that, resized from gunicorn's worker threads, grew the worker's RSS by 2-3 MB
+# over 60,000 requests (tests/integration/test_soak.py).
+_NORMALISED_CACHE = 256
 
 _UUID = re.compile(
     r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import os
@@ -161,6 +162,8 @@ class Signals:
     :param gc_stats: Function returning ``gc.get_stats()``-like per-generation statistics.
     :param process: A ``psutil.Process``-like object with ``memory_info().rss``.
     :param clock: Clock for timing readings (this thread's CPU time by default).
+    :param malloc_in_use: Function returning the C allocator's bytes in use, or None where it
+        cannot tell (default: glibc's ``mallinfo2()``; None elsewhere).
     """
 
     def __init__(
@@ -173,7 +176,9 @@ class Signals:
         gc_stats: Callable[[], list[dict[str, Any]]] = gc.get_stats,
         process: Any = None,
         clock: Callable[[], float] = time.thread_time,
+        malloc_in_use: Callable[[], int | None] | None = None,
     ) -> None:
+        self._malloc_in_use = malloc_in_use or glibc_in_use
         self.statm_path = statm_path if statm_path and os.path.exists(statm_path) else None
         self.page_size = page_size or _page_size()
         self._heap_blocks = heap_blocks
@@ -226,6 +231,16 @@ class Signals:
         self.heap_cost_us = 0.8 * self.heap_cost_us + 0.2 * min(cost, 4.0 * self.heap_cost_us)
         return blocks
 
+    def malloc_in_use(self) -> int | None:
+        """Bytes the C allocator has handed out and not had back (every Python object, large
+        buffers included, and C extensions' memory), or None where it cannot be read.
+
+        Unlike RSS it goes down when memory is freed, and it does not grow with fragmentation
+        or per-thread arenas. It walks the allocator's free lists (0.3 µs in a tidy process,
+        milliseconds with many threads' arenas): for rare checks only, never per request.
+        """
+        return self._malloc_in_use()
+
     def gc_pending(self) -> int:
         """Container objects allocated since the last generation-0 collection (O(1))."""
         return self._gc_count()[0]
@@ -249,6 +264,48 @@ class Signals:
         if self._fd is not None and self._fd_pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _load_mallinfo2() -> Callable[[], _Mallinfo2] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        function = libc.mallinfo2  # glibc 2.33 and later
+    except (OSError, AttributeError):
+        return None
+    function.restype = _Mallinfo2
+    function.argtypes = []
+    return function
+
+
+_MALLINFO2 = _load_mallinfo2()
+
+
+def glibc_in_use() -> int | None:
+    """glibc's bytes in use: small chunks (``uordblks``) plus mmapped chunks (``hblkhd``)."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks) + int(info.hblkhd)
 
 
 _GC_RUNS = [0]

@@ -150,9 +150,7 @@ def run_checked(
     samples: list[Sample], heap: FakeHeap, reasons: list[str] | None = None
 ) -> tuple[Verdict, int | None, Detector]:
     config = Config()
-    detector = Detector(
-        config, CollectCheck(heap.blocks, min_requests=1000, collect=heap.collect)
-    )
+    detector = Detector(config, CollectCheck(heap.blocks, min_requests=1000, collect=heap.collect))
     first: int | None = None
     verdict = detector.verdict
     for end in range(config.envelope_width, len(samples) + 1, config.envelope_width):
@@ -187,13 +185,52 @@ def test_collect_check_confirms_retained_growth_one_check_later() -> None:
     assert heap.collections == 2  # and no more while the verdict holds
 
 
-def test_collect_check_leaves_rss_suspicions_alone() -> None:
+def test_rss_suspicion_is_kept_where_the_allocator_cannot_be_read() -> None:
     heap = FakeHeap(retained=0.0)
-    verdict, first, _detector = run_checked(
-        series(lambda r: 0.0, rss=lambda r: 4096.0 * r), heap
-    )
+    verdict, first, _detector = run_checked(series(lambda r: 0.0, rss=lambda r: 4096.0 * r), heap)
     assert first is not None and verdict.signal == "rss"
-    assert heap.collections == 0
+
+
+class FakeMalloc:
+    def __init__(self, heap: FakeHeap, per_request: float) -> None:
+        self.heap = heap
+        self.per_request = per_request
+
+    def __call__(self) -> int:
+        return int(10e6 + self.per_request * self.heap.requests)
+
+
+@pytest.mark.parametrize(("in_use", "flagged"), [(0.0, False), (4096.0, True)])
+def test_rss_suspicion_is_checked_against_the_allocator(in_use: float, flagged: bool) -> None:
+    """RSS growing by 4 KiB/request: a leak of large buffers if the allocator's bytes in use
+    grow as much, fragmentation or arenas if they stay flat."""
+    heap = FakeHeap(retained=0.0)
+    config = Config()
+    detector = Detector(
+        config,
+        CollectCheck(
+            heap.blocks,
+            min_requests=1000,
+            collect=heap.collect,
+            read_malloc=FakeMalloc(heap, in_use),
+        ),
+    )
+    samples = series(lambda r: 0.0, rss=lambda r: 4096.0 * r)
+    suspected = []
+    reasons = []
+    for end in range(3, len(samples) + 1, 3):
+        heap.requests = samples[end - 1].requests
+        if heap.requests < config.warmup_requests:
+            continue
+        verdict = detector.evaluate(samples[:end], 0.0)
+        suspected.append(verdict.suspected)
+        if "rss" in verdict.trends:
+            reasons.append(verdict.trends["rss"].reason)
+    assert any(suspected) is flagged
+    if not flagged:
+        assert any("fragmentation" in r for r in reasons)
+    else:
+        assert verdict.collected_malloc_bytes_per_request == pytest.approx(4096.0, rel=0.01)
 
 
 class _Cycle:

@@ -1,0 +1,106 @@
+"""Diagnosis windows: whether retained growth follows first-seen credentials."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import memwatch
+from memwatch import WSGIMiddleware
+from memwatch.diagnosis import MIN_SPLIT_REQUESTS, CredentialSplit
+from tests.apps.support import make_environ, run_wsgi
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [
+        pytest.param(
+            CredentialSplit(40, 40 * 2000, 100, 100 * 20), "distinct_credentials", id="cache"
+        ),
+        pytest.param(CredentialSplit(40, 40 * 700, 100, 100 * 650), "requests", id="per request"),
+        pytest.param(CredentialSplit(40, 40 * 10, 100, 100 * 8), None, id="nothing kept"),
+        pytest.param(CredentialSplit(40, 40 * 900, 100, 100 * 350), None, id="in between"),
+        pytest.param(CredentialSplit(MIN_SPLIT_REQUESTS - 1, 9000, 100, 0), None, id="too few new"),
+        pytest.param(CredentialSplit(40, 80_000, 2, 0), None, id="too few known"),
+    ],
+)
+def test_credential_split_decides_only_on_clear_evidence(
+    split: CredentialSplit, expected: str | None
+) -> None:
+    assert split.scales_with(minimum=16.0) == expected
+
+
+TOKEN_CACHE: dict[str, dict[str, Any]] = {}
+AUDIT: list[dict[str, Any]] = []
+
+
+def token_cache_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """Caches decoded claims per bearer token (a leak that follows new credentials)."""
+    token = environ.get("HTTP_AUTHORIZATION", "")[7:]
+    claims = TOKEN_CACHE.get(token)
+    if claims is None:
+        claims = TOKEN_CACHE[token] = {"sub": token[-12:], "scopes": ["read", "write"] * 20}
+    body = json.dumps({"sub": claims["sub"]}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+
+
+def audit_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """Appends a record per request, whoever sends it (a leak that follows requests)."""
+    AUDIT.append({"path": environ["PATH_INFO"], "pad": ["x" * 40] * 20})
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+def drive_window(app: Any, *, new_share: float, seed: int) -> str | None:
+    """Warms memwatch's first-seen filter with a pool of tokens, then runs a diagnosis window
+    with traffic where ``new_share`` of the requests carry a never-seen token."""
+    rng = random.Random(seed)
+    mw = memwatch.wrap(
+        app,
+        registry=CollectorRegistry(),
+        log_startup=False,
+        diagnosis="off",
+        diagnosis_requests=600,
+    )
+    assert isinstance(mw, WSGIMiddleware)
+    pool = [f"tok-{seed}-{i:04d}-" + "a1b2c3d4" * 8 for i in range(200)]
+    fresh = iter(f"new-{seed}-{i:06d}-" + "e5f6a7b8" * 8 for i in range(100_000))
+
+    def send(token: str) -> None:
+        environ = make_environ("/api/orders", headers={"Authorization": f"Bearer {token}"})
+        run_wsgi(mw, environ)
+
+    for _ in range(3):  # every pool token seen (and recorded) before the window
+        for token in pool:
+            send(token)
+    assert mw.monitor.start_diagnosis("test", force=True)
+    try:
+        deadline = time.monotonic() + 60
+        while mw.monitor.diagnosis.windows == 0 and time.monotonic() < deadline:
+            send(next(fresh) if rng.random() < new_share else rng.choice(pool))
+            time.sleep(0.0005)  # the diagnosis thread takes the snapshots
+        last = mw.monitor.diagnosis.last
+        assert last is not None and last.credentials is not None
+        assert last.credentials.new_requests >= MIN_SPLIT_REQUESTS
+        return last.credentials.scales_with(minimum=16.0)
+    finally:
+        if mw.monitor.diagnosis.window is not None:
+            mw.monitor.diagnosis.abandon()
+        TOKEN_CACHE.clear()
+        AUDIT.clear()
+
+
+@pytest.mark.slow  # a real window: tracemalloc snapshots and the holder search take seconds
+def test_window_says_a_token_keyed_cache_follows_new_credentials() -> None:
+    assert drive_window(token_cache_app, new_share=0.3, seed=1) == "distinct_credentials"
+
+
+@pytest.mark.slow
+def test_window_says_a_per_request_list_follows_requests() -> None:
+    assert drive_window(audit_app, new_share=0.3, seed=2) == "requests"
