@@ -340,10 +340,12 @@ class Detector:
         kept: list[SignalTrend] = []
         for t in suspects:
             if t.signal == "rss":
-                measured, what = check.malloc_rate, "the allocator's bytes in use"
-                if measured is None:
+                # pymalloc's arenas come from mmap, not malloc: the Python heap is added.
+                what = "the allocator's bytes in use and the collected heap"
+                if check.malloc_rate is None:
                     kept.append(t)  # nothing to check it against here
                     continue
+                measured = check.malloc_rate + max(rate, 0.0)
             else:
                 measured, what = rate, "the heap after a full collection"
             # A real leak keeps about what the trend says; garbage and free lists leave little.

@@ -143,6 +143,8 @@ class DiagnosisResult:
     # What requests with a first-seen credential kept against requests with a known one, over
     # the window (only requests whose credential the first-seen filter samples).
     credentials: CredentialSplit | None = None
+    # The same, per (route, method, auth): growth on one route follows credentials or not.
+    credential_splits: dict[RouteKey, CredentialSplit] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ class Window:
         self.middle: tracemalloc.Snapshot | None = None
         self._tags: dict[tuple[str, str, str, bool | None], Tag] = {}
         self._novel: dict[int, bool] = {}  # trampoline index -> novel, for sampled credentials
-        self.novel_counts: Counter[bool] = Counter()  # tagged requests, by novelty
+        self.novel_counts: Counter[tuple[RouteKey, bool]] = Counter()  # by route and novelty
         self._overflow: Tag | None = None
         self.labels: dict[int, Counter[RouteKey]] = {}  # all requests, per trampoline
         self._places: dict[tuple[str, int], str] = {}  # allocation site -> "file:line"
@@ -284,8 +286,8 @@ class Window:
             if label is not None:
                 self.labels.setdefault(tag.index, Counter())[label] += 1
                 self.half_counts[self.half - 1][label] += 1
-            if tag.novel is not None:
-                self.novel_counts[tag.novel] += 1
+            if tag.novel is not None and label is not None:
+                self.novel_counts[(label, tag.novel)] += 1
 
     def should_drain(self) -> bool:
         cfg = self.config
@@ -394,7 +396,7 @@ class Window:
             if route is not None:
                 first_bytes[route] += d.size_diff
         second_bytes: Counter[RouteKey] = Counter()
-        novel_bytes: Counter[bool] = Counter()
+        novel_bytes: Counter[tuple[RouteKey, bool]] = Counter()
         sites: list[SiteStat] = []
         unattributed = 0
         for diff in second:
@@ -434,16 +436,21 @@ class Window:
         # same transient allocations, so the whole window doubles the evidence.
         for diff in whole.values():
             index = _trampoline(diff.traceback)
-            novel = self._novel.get(index) if index is not None else None
-            if novel is not None:
-                novel_bytes[novel] += diff.size_diff
-        if self.novel_counts:
-            result.credentials = CredentialSplit(
-                new_requests=self.novel_counts[True],
-                new_bytes=novel_bytes[True],
-                known_requests=self.novel_counts[False],
-                known_bytes=novel_bytes[False],
+            if index is None:
+                continue
+            novel = self._novel.get(index)
+            label = self._label_of(index)
+            if novel is not None and label is not None:
+                novel_bytes[(label, novel)] += diff.size_diff
+        for key in {label for label, _novel in self.novel_counts}:
+            result.credential_splits[key] = CredentialSplit(
+                new_requests=self.novel_counts[(key, True)],
+                new_bytes=novel_bytes[(key, True)],
+                known_requests=self.novel_counts[(key, False)],
+                known_bytes=novel_bytes[(key, False)],
             )
+        if result.credential_splits:
+            result.credentials = combined(result.credential_splits.values())
         first_n, second_n = self.half_counts
         routes = []
         for key in set(first_bytes) | set(second_bytes):
@@ -460,6 +467,17 @@ class Window:
                 )
             )
         result.routes = sorted(routes, key=lambda r: -r.retained_bytes_per_request)
+
+
+def combined(splits: Iterable[CredentialSplit]) -> CredentialSplit:
+    """The sum of several routes' splits."""
+    parts = list(splits)
+    return CredentialSplit(
+        new_requests=sum(p.new_requests for p in parts),
+        new_bytes=sum(p.new_bytes for p in parts),
+        known_requests=sum(p.known_requests for p in parts),
+        known_bytes=sum(p.known_bytes for p in parts),
+    )
 
 
 def _trampoline(traceback: tracemalloc.Traceback) -> int | None:

@@ -33,7 +33,7 @@ from memwatch.attribution import (
 from memwatch.auth import AUTH_SCHEMES, AuthClassifier
 from memwatch.config import Config
 from memwatch.detector import CollectCheck, Detector, Verdict
-from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag
+from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
 from memwatch.routes import RouteTable, normalize_path
 from memwatch.signals import Sample, SampleRing, Signals
@@ -439,7 +439,16 @@ class Monitor:
             _xs, _ts, values = signal_series(window, verdict.signal, cfg.heap_block_bytes)
             if len(values) == len(window):
                 self.scales_with = scales_with(window, values, cfg.envelope_width)
-            split = diagnosed.credentials if diagnosed is not None else None
+            split = None
+            if diagnosed is not None:
+                # The routes under suspicion (all of them when none is named yet).
+                suspected = {e.key for e in self.route_estimates if e.suspected}
+                splits = [
+                    v
+                    for k, v in diagnosed.credential_splits.items()
+                    if not suspected or k in suspected
+                ]
+                split = combined(splits) if splits else None
             # A window measures it per request: better than the regression, which cannot tell
             # the two apart when new credentials arrive at a steady share of the traffic.
             measured = split.scales_with(minimum) if split is not None else None

@@ -117,6 +117,13 @@ class DiagnosisInfo:
     frames: int | None = None
     unattributed_bytes: int | None = None
     holder_search_partial: bool | None = None  # the holder search ran out of its time budget
+    # Bytes kept per request by requests that brought a first-seen credential and by the
+    # others (the quarter of credentials memwatch samples), over the window: what
+    # ``leak.scales_with`` rests on.
+    new_credential_requests: int | None = None
+    new_credential_bytes_per_request: float | None = None
+    known_credential_requests: int | None = None
+    known_credential_bytes_per_request: float | None = None
 
 
 @dataclass
@@ -229,6 +236,18 @@ def build_report(snapshot: Snapshot, *, leak: Leak | None = None, now: float) ->
         diagnosis.frames = window.frames
         diagnosis.unattributed_bytes = window.unattributed_bytes
         diagnosis.holder_search_partial = window.holder_search_partial
+        split = window.credentials
+        if split is not None:
+            diagnosis.new_credential_requests = split.new_requests
+            diagnosis.known_credential_requests = split.known_requests
+            if split.new_requests:
+                diagnosis.new_credential_bytes_per_request = _round(
+                    split.new_bytes / split.new_requests
+                )
+            if split.known_requests:
+                diagnosis.known_credential_bytes_per_request = _round(
+                    split.known_bytes / split.known_requests
+                )
         roots = [
             Root(
                 path=h.path,

@@ -89,6 +89,10 @@ class Leak:
         bytes_per_request: retained bytes per request on the leaking route (measured).
         scales_with: the ``leak.scales_with`` memwatch should report, or None if not checked.
         large: True for objects above pymalloc's 512-byte limit (seen by RSS, not heap blocks).
+        site: the line (file from the repository root, line number) that allocates what is
+            kept, in application code: a diagnosis window's top three sites must include it.
+        site_text: text on that line (tests check that ``site`` still points at it).
+        holder: what the report's roots must name as the holder of the growth.
     """
 
     route: RouteKey
@@ -96,6 +100,9 @@ class Leak:
     bytes_per_request: float
     scales_with: str | None = "requests"
     large: bool = False
+    site: tuple[str, int] | None = None
+    site_text: str = ""
+    holder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,9 @@ CASES: tuple[Case, ...] = (
             "dict[token] = claims, 30 % of tokens never seen before",
             670.0,
             scales_with="distinct_credentials",
+            site=("tests/corpus/common.py", 70),  # the claims the cache keeps are decoded here
+            site_text="json.loads",
+            holder="tests.corpus.django_token_cache._CLAIMS_BY_TOKEN",
         ),
     ),
     Case(
@@ -192,6 +202,9 @@ CASES: tuple[Case, ...] = (
             ("/reports/<int:rid>", "GET", "basic"),
             "list.append(str with the credential)",
             285.0,
+            site=("tests/corpus/flask_basic_audit.py", 28),
+            site_text="login user=",
+            holder="tests.corpus.flask_basic_audit.LOGIN_METRICS",
         ),
     ),
     Case(
@@ -213,6 +226,9 @@ CASES: tuple[Case, ...] = (
             ("/login", "POST", "basic"),
             "list.append(dict) on 401 (40 % of logins fail)",
             285.0,
+            site=("tests/corpus/wsgi_failed_logins.py", 47),
+            site_text="{",
+            holder="tests.corpus.wsgi_failed_logins.FAILED_LOGINS",
         ),
     ),
     Case(
@@ -235,6 +251,9 @@ CASES: tuple[Case, ...] = (
             "list.append(64 KiB bytes)",  # at most 160 MiB kept in a 20,000-request run
             65_590.0,
             large=True,
+            site=("tests/corpus/starlette_export_buffers.py", 26),
+            site_text="rows[:EXPORT_BYTES]",
+            holder="tests.corpus.starlette_export_buffers._RECENT_EXPORTS",
         ),
     ),
     Case(
@@ -253,6 +272,9 @@ CASES: tuple[Case, ...] = (
             ("/api/events", "POST", "apikey"),
             "Registry.items.append(dict)",
             500.0,
+            site=("tests/corpus/flask_threaded_registry.py", 42),
+            site_text="{",
+            holder="tests.corpus.flask_threaded_registry.Registry.items",
         ),
     ),
     Case(
@@ -279,6 +301,9 @@ CASES: tuple[Case, ...] = (
             ("api/invoices/<int:pk>/pdf/", "GET", "bearer"),
             "list.append(dict), 10 % of the traffic",
             625.0,
+            site=("tests/corpus/django_rare_route.py", 54),
+            site_text="{",
+            holder="tests.corpus.django_rare_route._RENDERED",
         ),
     ),
     Case(
@@ -298,6 +323,9 @@ CASES: tuple[Case, ...] = (
             ("/orders/{order_id:int}", "POST", "bearer"),
             "set.add(asyncio.Task), never discarded",
             1_000.0,
+            site=("tests/corpus/starlette_background_tasks.py", 42),
+            site_text="asyncio.create_task",
+            holder="tests.corpus.starlette_background_tasks._BACKGROUND",
         ),
     ),
     Case(
@@ -316,6 +344,9 @@ CASES: tuple[Case, ...] = (
             ("/payments", "POST", "apikey"),
             'getLogger("eval.payments").addHandler(...)',
             1_360.0,
+            site=("tests/corpus/fastapi_logger_handlers.py", 30),
+            site_text="super().__init__(io.StringIO())",
+            holder="the handlers list of logger 'eval.payments'",
         ),
     ),
     # --- clean -----------------------------------------------------------------------------

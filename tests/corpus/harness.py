@@ -23,6 +23,10 @@ from tests.corpus.traffic import Poll, Traffic, fetch, metric_value, run_load
 
 POLL_EVERY = 500
 SETTLE_REQUESTS = 1_000
+# How long past detection a leaking case waits for its first diagnosis window to finish.
+MAX_WINDOW_WAIT = 6_000
+# The top sites of a window that must include the leaking line.
+TOP_SITES = 3
 # A clean app passes only if memwatch actually judged it (status "ok", past its warm-up and with
 # enough samples for a trend test) for at least this many requests: a detector still warming up
 # at the end of the run raises no alarm, but proves nothing either.
@@ -85,7 +89,12 @@ def run_case(
             return False
         if not detected and poll.suspected and leak_key in poll.suspected_routes:
             detected.append(poll.requests)
-        return bool(detected) and poll.requests >= detected[0] + SETTLE_REQUESTS
+        # Settled, and a diagnosis window has finished (its sites and holders are judged).
+        return (
+            bool(detected)
+            and poll.requests >= detected[0] + SETTLE_REQUESTS
+            and (poll.windows > 0 or poll.requests >= detected[0] + MAX_WINDOW_WAIT)
+        )
 
     started = time.monotonic()
     with serve(case, log_dir=log_dir) as server:
@@ -202,4 +211,27 @@ def judge(case: Case, result: CaseResult, polls: list[Poll]) -> None:
     if result.extra_routes:
         extra = ", ".join(f"{m} {r} {a}" for r, m, a in result.extra_routes)
         result.warnings.append(f"clean routes also marked: {extra}")
+    if flagged:
+        judge_diagnosis(case, result)
     result.passed = not result.reasons
+
+
+def judge_diagnosis(case: Case, result: CaseResult) -> None:
+    """The leaking line among the window's top sites, and the holder among its roots."""
+    assert case.leak is not None
+    sites = result.evidence.get("sites") or []
+    roots = result.evidence.get("roots") or []
+    if not (result.evidence.get("diagnosis") or {}).get("windows"):
+        result.reasons.append("no diagnosis window finished")
+        return
+    if case.leak.site is not None:
+        top = [(s["file"], s["line"]) for s in sites[:TOP_SITES]]
+        if case.leak.site not in top:
+            shown = ", ".join(f"{f}:{n}" for f, n in top) or "none"
+            where = f"{case.leak.site[0]}:{case.leak.site[1]}"
+            result.reasons.append(
+                f"leaking line {where} not in the top {TOP_SITES} sites ({shown})"
+            )
+    if case.leak.holder is not None and case.leak.holder not in [r["path"] for r in roots]:
+        shown = ", ".join(r["path"] for r in roots[:5]) or "none"
+        result.reasons.append(f"holder {case.leak.holder} not named (roots: {shown})")

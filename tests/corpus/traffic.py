@@ -224,6 +224,7 @@ class Poll:
     rss_bytes: int | None
     heap_blocks: int | None
     routes: list[RouteRow] = field(default_factory=list)
+    windows: int = 0  # diagnosis windows finished
 
     @property
     def suspected_routes(self) -> list[RouteKey]:
@@ -251,6 +252,7 @@ def poll_from_report(report: dict[str, Any], requests: int, seconds: float) -> P
         scales_with=leak.get("scales_with"),
         rss_bytes=process.get("rss_bytes"),
         heap_blocks=process.get("heap_blocks"),
+        windows=int((report.get("diagnosis") or {}).get("windows") or 0),
         routes=[
             RouteRow(
                 r["route"],

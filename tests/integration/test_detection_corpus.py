@@ -176,3 +176,12 @@ def test_corpus_apps_retain_what_the_catalogue_says(case: Case) -> None:
     else:
         assert 250 <= case.leak.bytes_per_request <= 3_000
     assert 0.6 <= per_request / case.leak.bytes_per_request <= 1.6, (case.leak, measured)
+
+
+@pytest.mark.parametrize("case", LEAKING, ids=lambda c: c.name)
+def test_catalogue_sites_point_at_the_leaking_lines(case: Case) -> None:
+    # The corpus apps change: the recorded leaking line must still be the one that allocates.
+    assert case.leak is not None and case.leak.site is not None
+    path, line = case.leak.site
+    text = (Path(__file__).resolve().parents[2] / path).read_text().splitlines()[line - 1]
+    assert case.leak.site_text in text, (path, line, text)
