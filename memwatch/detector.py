@@ -213,6 +213,17 @@ class Detector:
         self.collect_check = collect_check
         self._streak = 0  # consecutive suspected (>0) or clean (<0) evaluations
         self._retained = False  # a collect check confirmed the current suspicion
+        # Samples before this many requests are left out (the end of the last diagnosis
+        # window: tracing and its snapshots move the heap by thousands of blocks, a step that
+        # a trend test would take for growth, or a plateau test for a stop).
+        self.floor_requests = 0
+
+    def restart_after(self, requests: int) -> None:
+        """Judges only samples taken after ``requests`` from now on (the verdict is held until
+        there are enough of them) and re-anchors the collect check."""
+        self.floor_requests = requests
+        if self.collect_check is not None:
+            self.collect_check.anchor = None
 
     @property
     def confirming(self) -> bool:
@@ -260,7 +271,8 @@ class Detector:
 
     def evaluate(self, samples: Sequence[Sample], now_wall: float) -> Verdict:
         cfg = self.config
-        window = [s for s in samples if s.requests >= cfg.warmup_requests]
+        start = max(cfg.warmup_requests, self.floor_requests)
+        window = [s for s in samples if s.requests >= start]
         window = window[-cfg.window_samples :]
         check = self.collect_check
         if check is not None and check.anchor is None and window:
@@ -276,6 +288,8 @@ class Detector:
         verdict.evaluations += 1
         verdict.trends = trends
         if not trends:
+            if verdict.suspected:
+                return verdict  # too few samples since the floor: the verdict holds
             has_data = any(s.heap_blocks is not None or s.rss_bytes is not None for s in samples)
             verdict.status = "warming_up" if has_data or not samples else "unknown"
             return verdict

@@ -32,7 +32,7 @@ from memwatch.attribution import (
 )
 from memwatch.auth import AUTH_SCHEMES, AuthClassifier
 from memwatch.config import Config
-from memwatch.detector import CollectCheck, Detector, Verdict
+from memwatch.detector import MIN_POINTS, CollectCheck, Detector, Verdict
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
 from memwatch.routes import RouteTable, normalize_path
@@ -47,6 +47,8 @@ FIRST_SEEN_SAMPLING = 4
 # The most requests between two periodic samples, whatever a heap walk costs (at 5 M blocks,
 # 144 µs, twice that at the default budget gives about 600).
 MAX_SAMPLE_INTERVAL = 1000
+# How many times the sampling budget is spent between the warm-up and the first verdict.
+BOOST = 4
 # The most requests between two evaluations of the detector, whatever one costs.
 MAX_EVAL_SPACING = 2000
 # 2**17 bits (16 KiB): small enough to stay in cache; rotated at 20 % saturation, that is about
@@ -193,10 +195,12 @@ class Monitor:
         self.detector = Detector(self.config, check)
         self.diagnosis = Diagnosis(self.config)
         self.diagnosis.on_result = self._diagnosed
-        self.diagnosis.on_error = lambda exc: self.errors.record("diagnosis.finish", exc)
+        self.diagnosis.on_error = self._diagnosis_failed
         self.route_estimates: list[RouteEstimate] = []
         self.scales_with: str | None = None
         self._samples_since_eval = 0
+        self._judged_samples = 0  # samples taken after the warm-up
+        self._first_full_evaluation = False
         self._requests_at_eval = 0
         self._eval_cost_us = 0.0
         self.history = SampleRing(self.config.history_size)
@@ -351,6 +355,8 @@ class Monitor:
                 except Exception as exc:
                     self.errors.record("sample_hook", exc)
             self._samples_since_eval += 1
+            if sample.requests >= self.config.warmup_requests:
+                self._judged_samples += 1
             if self._evaluation_due(sample):
                 self.evaluate()
             return sample
@@ -358,16 +364,32 @@ class Monitor:
             self._sample_lock.release()
 
     def _evaluation_due(self, sample: Sample) -> bool:
-        """Every envelope block, but no more often than the detector's CPU budget allows."""
-        if self._samples_since_eval < self.config.envelope_width:
+        """Every envelope block, but no more often than the detector's CPU budget allows.
+
+        After the warm-up: once at once (the collect check's first reading), then not until
+        the window holds enough samples for a trend, and then at once again.
+        """
+        cfg = self.config
+        if self._samples_since_eval < cfg.envelope_width:
             return False
-        if sample.requests < self.config.warmup_requests:
+        if sample.requests < cfg.warmup_requests:
             return False
+        if self.diagnosis.window is not None:
+            return False  # tracing moves the heap: judged again after the window
+        needed = MIN_POINTS * cfg.envelope_width
+        if self._judged_samples < needed:
+            if self.detector.verdict.evaluations:
+                self._samples_since_eval = 0
+                return False
+            return True
+        if not self._first_full_evaluation:
+            self._first_full_evaluation = True
+            return True
         # The detector's cost, amortised over the requests between evaluations, stays within
         # its per-request budget (a full evaluation costs about a millisecond).
         budget = self.config.detector_budget_us
         if self.detector.confirming:
-            budget *= 4  # a suspicion waits for confirmation: look again sooner, briefly
+            budget *= 10  # a suspicion waits for confirmation: look again sooner, briefly
         # Capped: an evaluation timed during a diagnosis window (tracing makes everything
         # slower) must not silence the detector for tens of thousands of requests.
         spacing = min(self._eval_cost_us / budget, MAX_EVAL_SPACING)
@@ -434,7 +456,8 @@ class Monitor:
         ]
         if verdict.suspected and verdict.signal is not None:
             cfg = self.config
-            window = [s for s in history if s.requests >= cfg.warmup_requests]
+            start = max(cfg.warmup_requests, self.detector.floor_requests)
+            window = [s for s in history if s.requests >= start]
             window = window[-cfg.window_samples :]
             _xs, _ts, values = signal_series(window, verdict.signal, cfg.heap_block_bytes)
             if len(values) == len(window):
@@ -500,7 +523,12 @@ class Monitor:
                 or (old is not None and old.contains(fingerprint))
             )
 
+    def _diagnosis_failed(self, exc: BaseException) -> None:
+        self.errors.record("diagnosis.finish", exc)
+        self.detector.restart_after(self.requests)
+
     def _diagnosed(self, result: DiagnosisResult) -> None:
+        self.detector.restart_after(self.requests)
         logger.info(
             "memwatch: diagnosis window done (%s): %d requests in %.1f s, %d sites, %d routes",
             result.reason,
@@ -589,11 +617,18 @@ class Monitor:
     def _adapt_to_cost(self) -> None:
         """Stretches sampling so heap-sized readings stay within the per-request CPU budget."""
         budget = self.config.sample_budget_us
+        every = self.config.sample_every_requests
+        if self.requests >= self.config.warmup_requests and not self._first_full_evaluation:
+            # From the end of the warm-up to the first verdict (a few thousand requests, once
+            # per process): samples come BOOST times as often, so that a leak present from
+            # the start is judged within about 5,000 requests.
+            budget *= BOOST
+            every = max(1, every // 2)
         cost = self.signals.heap_cost_us
         # A walk is charged at twice its time (it leaves the caches cold for the app), and the
         # interval is capped so that the detector is never starved of samples.
         self._cost_interval = min(max(1, math.ceil(2.0 * cost / budget)), MAX_SAMPLE_INTERVAL)
-        self._min_interval = max(self.config.sample_every_requests, self._cost_interval)
+        self._min_interval = max(every, self._cost_interval)
         # Every probe reads the container count (O(1)); a heavy one also reads the heap and RSS,
         # twice per pair. (A suspected leak opens a diagnosis window, which attributes better
         # than more readings would.) A walk of the heap also leaves the caches cold for the app:

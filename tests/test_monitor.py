@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+import statistics
 import os
 import random
 from typing import Any
@@ -161,6 +162,7 @@ def test_sampling_interval_stretches_with_the_cost_of_a_heap_reading(cost_us: fl
         sample_every_requests=10,
         sample_every_seconds=1.0,
         sample_budget_us=budget,
+        warmup_requests=100_000,  # in the warm-up: no boost towards a first verdict
     )
     for _ in range(60):  # the monitor learns the cost from its readings (request count 0)
         m.take_sample()
@@ -304,3 +306,37 @@ def test_a_forked_child_starts_afresh() -> None:
     # THEN the child's monitor is empty and its own, and the parent's is untouched
     assert child == {"requests": 0, "history": 0, "pid": pid, "after": 1}
     assert m.snapshot().requests == 5 and m.pid == os.getpid()
+
+
+def test_sampling_is_boosted_from_the_warm_up_to_the_first_verdict() -> None:
+    perf = FakeClock()
+
+    def heap() -> int:
+        perf.advance(20e-6)  # 20 µs a reading: 40 requests apart at the 1 µs budget
+        return 200_000
+
+    clock = FakeClock()
+    m = monitor(clock, make_signals(heap=heap, perf=perf), warmup_requests=1000)
+    for _ in range(60):
+        m.take_sample()
+    gaps_by_phase: dict[str, list[int]] = {"warm-up": [], "boost": [], "judging": []}
+    last = 0
+    for _ in range(12_000):
+        clock.advance(0.001)
+        serve(m, "/x")
+        newest = m.history[-1].requests
+        if newest != last:
+            phase = (
+                "warm-up"
+                if newest < 1000
+                else ("judging" if m.detector.verdict.status != "warming_up" else "boost")
+            )
+            gaps_by_phase[phase].append(newest - last)
+            last = newest
+    # 50 requests apart (the period) while warming up and once judging; half of it, at four
+    # times the budget, in between: the first verdict comes sooner
+    assert statistics.median(gaps_by_phase["warm-up"][5:]) == 50
+    assert statistics.median(gaps_by_phase["boost"]) == 25
+    assert statistics.median(gaps_by_phase["judging"]) == 50
+    first_verdict = 1000 + sum(gaps_by_phase["boost"])
+    assert first_verdict < 1000 + 16 * 3 * 50  # sooner than at the normal pace
