@@ -7,9 +7,9 @@ import itertools
 import json
 import logging
 import math
-import statistics
 import os
 import random
+import statistics
 from typing import Any
 
 import pytest
