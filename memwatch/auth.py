@@ -28,6 +28,8 @@ _NAMED_SCHEMES = {"bearer": "bearer", "basic": "basic", "digest": "digest"}
 _MAX_VALUE = 8192
 
 Classified = tuple[str, str | None]
+# One-byte values str.isspace() is true for, in latin-1 (what the slow path strips).
+_BLANK = frozenset(bytes([c]) for c in range(256) if chr(c).isspace())
 ANONYMOUS: Classified = ("anonymous", None)
 
 
@@ -93,6 +95,16 @@ class AuthClassifier:
             authorization, apikey, cookie = self._scan_headers(headers)
         else:
             authorization = unique.get(b"authorization")
+            # The common case without a call: "Bearer <token>" needing no stripping (what
+            # classify_authorization returns for it, checked by the tests).
+            if (
+                authorization is not None
+                and authorization[:7] == b"Bearer "
+                and 8 <= len(authorization) <= _MAX_VALUE
+                and authorization[7:8] not in _BLANK
+                and authorization[-1:] not in _BLANK
+            ):
+                return "bearer", authorization[7:].decode("latin-1")
         if authorization:
             scheme = classify_authorization(authorization[:_MAX_VALUE].decode("latin-1"))
             if scheme is not ANONYMOUS:  # a blank header leaves the other sources to decide

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -354,3 +355,16 @@ def test_property_wsgi_and_asgi_agree(
         if value is not None
     }
     assert_sane(classify_both(headers, query))
+
+
+def test_asgi_bearer_fast_path_agrees_with_the_general_rules() -> None:
+    # from_scope decides "Bearer <token>" without calling classify_authorization; on every
+    # mix of blanks (latin-1 whitespace included), it must return what the general rules do.
+    classifier = AuthClassifier(Config())
+    rng = random.Random(5)
+    alphabet = [b" ", b"\t", b"\x85", b"\xa0", b"\x0b", b"\x1c", b"a", b"Z", b"=", b".", b"-"]
+    for _ in range(20_000):
+        token = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        value = b"Bearer " + token
+        scope = {"headers": [(b"host", b"x"), (b"authorization", value)]}
+        assert classifier.from_scope(scope) == classify_authorization(value.decode("latin-1"))
