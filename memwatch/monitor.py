@@ -290,7 +290,6 @@ class Monitor:
             since = requests - self._last_sample_requests
         if since >= self._min_interval or (
             since >= self._cost_interval
-            and not requests & 7  # the clock is read on one request in eight
             and self._clock() - self._last_sample_time >= self.config.sample_every_seconds
         ):
             self.take_sample()
@@ -462,7 +461,10 @@ class Monitor:
             window = window[-cfg.window_samples :]
             _xs, _ts, values = signal_series(window, verdict.signal, cfg.heap_block_bytes)
             if len(values) == len(window):
-                self.scales_with = scales_with(window, values, cfg.envelope_width)
+                # Too few samples since the last window gives None: the last answer holds.
+                self.scales_with = (
+                    scales_with(window, values, cfg.envelope_width) or self.scales_with
+                )
             split = None
             if diagnosed is not None:
                 # The routes under suspicion (all of them when none is named yet).
