@@ -159,9 +159,19 @@ class CredentialSplit:
     def scales_with(self, minimum: float) -> str | None:
         """``distinct_credentials`` when new credentials keep at least ``minimum`` bytes each
         and known ones under a quarter of that; ``requests`` when known ones keep at least
-        half as much; None when too few requests of either kind were seen to tell."""
-        if self.new_requests < MIN_SPLIT_REQUESTS or self.known_requests < MIN_SPLIT_REQUESTS:
+        ``minimum`` and at least half as much as new ones (or new ones were too few to
+        compare: growth that known credentials bring does not follow credentials); None when
+        too few requests were seen to tell."""
+        enough_new = self.new_requests >= MIN_SPLIT_REQUESTS
+        if self.known_requests < MIN_SPLIT_REQUESTS:
             return None
+        known = self.known_bytes / self.known_requests
+        new = self.new_bytes / self.new_requests if enough_new else 0.0
+        if enough_new and new >= minimum and known <= 0.25 * new:
+            return "distinct_credentials"
+        if known >= minimum and (not enough_new or known >= 0.5 * new):
+            return "requests"
+        return None
         new = self.new_bytes / self.new_requests
         known = self.known_bytes / self.known_requests
         if new >= minimum and known <= 0.25 * new:

@@ -27,6 +27,9 @@ from tests.apps.support import make_environ, run_wsgi
         pytest.param(CredentialSplit(40, 40 * 900, 100, 100 * 350), None, id="in between"),
         pytest.param(CredentialSplit(MIN_SPLIT_REQUESTS - 1, 9000, 100, 0), None, id="too few new"),
         pytest.param(CredentialSplit(40, 80_000, 2, 0), None, id="too few known"),
+        pytest.param(
+            CredentialSplit(2, 100, 100, 100 * 700), "requests", id="known ones keep it"
+        ),
     ],
 )
 def test_credential_split_decides_only_on_clear_evidence(

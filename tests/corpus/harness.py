@@ -27,6 +27,30 @@ SETTLE_REQUESTS = 1_000
 MAX_WINDOW_WAIT = 6_000
 # The top sites of a window that must include the leaking line.
 TOP_SITES = 3
+
+# case -> (what the leak's advice must name as the holder, the change it must name)
+ADVICE: dict[str, tuple[str, str]] = {
+    "django_token_cache": (
+        "tests.corpus.django_token_cache._CLAIMS_BY_TOKEN",
+        "lru_cache(maxsize=",
+    ),
+    "flask_basic_audit": ("tests.corpus.flask_basic_audit.LOGIN_METRICS", "deque(maxlen="),
+    "wsgi_failed_logins": ("tests.corpus.wsgi_failed_logins.FAILED_LOGINS", "deque(maxlen="),
+    "starlette_export_buffers": (
+        "tests.corpus.starlette_export_buffers._RECENT_EXPORTS",
+        "deque(maxlen=",
+    ),
+    "flask_threaded_registry": (
+        "tests.corpus.flask_threaded_registry.Registry.items",
+        "deque(maxlen=",
+    ),
+    "django_rare_route": ("tests.corpus.django_rare_route._RENDERED", "deque(maxlen="),
+    "starlette_background_tasks": (
+        "tests.corpus.starlette_background_tasks._BACKGROUND",
+        "add_done_callback(_BACKGROUND.discard)",
+    ),
+    "fastapi_logger_handlers": ("logger 'eval.payments'", "once at startup"),
+}
 # A clean app passes only if memwatch actually judged it (status "ok", past its warm-up and with
 # enough samples for a trend test) for at least this many requests: a detector still warming up
 # at the end of the run raises no alarm, but proves nothing either.
@@ -235,3 +259,15 @@ def judge_diagnosis(case: Case, result: CaseResult) -> None:
     if case.leak.holder is not None and case.leak.holder not in [r["path"] for r in roots]:
         shown = ", ".join(r["path"] for r in roots[:5]) or "none"
         result.reasons.append(f"holder {case.leak.holder} not named (roots: {shown})")
+    # The advice (docs/advice.md) names the holder and the change, and offers worker recycling
+    # as a stopgap only.
+    expected = ADVICE.get(case.name)
+    leak = result.evidence.get("leak") or {}
+    advice = leak.get("advice") or ""
+    if expected is not None:
+        holder, change = expected
+        if holder not in advice or change not in advice:
+            result.reasons.append(f"advice does not name {holder} and {change}: {advice!r}")
+        detail = leak.get("advice_detail") or {}
+        if "max-requests" in advice or "max-requests" not in (detail.get("stopgap") or ""):
+            result.reasons.append("worker recycling is not (only) the stopgap of the advice")
