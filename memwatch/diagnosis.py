@@ -172,13 +172,6 @@ class CredentialSplit:
         if known >= minimum and (not enough_new or known >= 0.5 * new):
             return "requests"
         return None
-        new = self.new_bytes / self.new_requests
-        known = self.known_bytes / self.known_requests
-        if new >= minimum and known <= 0.25 * new:
-            return "distinct_credentials"
-        if known >= minimum and known >= 0.5 * new:
-            return "requests"
-        return None
 
 
 class Tag:
