@@ -623,10 +623,11 @@ class Monitor:
         every = self.config.sample_every_requests
         if self.requests >= self.config.warmup_requests and not self._first_full_evaluation:
             # From the end of the warm-up to the first verdict (a few thousand requests, once
-            # per process): samples come BOOST times as often, so that a leak present from
-            # the start is judged within about 5,000 requests.
+            # per process): BOOST times the budget, so that samples come at the period
+            # (sample_every_requests) even on a large heap, and a leak present from the start
+            # is judged within about 5,000 requests. (Sampling faster than the period made the
+            # first window so short that the warm-up's decaying tail passed for a leak.)
             budget *= BOOST
-            every = max(1, every // 2)
         cost = self.signals.heap_cost_us
         # A walk is charged at twice its time (it leaves the caches cold for the app), and the
         # interval is capped so that the detector is never starved of samples.
