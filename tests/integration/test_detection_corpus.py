@@ -33,8 +33,7 @@ from tests.corpus import inprocess
 from tests.corpus.catalog import CLEAN, LEAKING, Case
 from tests.corpus.harness import MIN_JUDGED_REQUESTS, CaseResult, run_case
 
-# `corpus`: out of the default `make test` until the detector passes it (issue 12); run it with
-# `make corpus`.
+# `corpus`: part of `make test`; `make corpus` runs the corpora alone.
 pytestmark = [pytest.mark.integration, pytest.mark.corpus]
 
 SOAK_REQUESTS = 100_000
