@@ -215,14 +215,24 @@ def window_estimates(
         # (a cache that turns over keeps much less in the second half: an lru_cache at its
         # size with a 2:1 miss ratio keeps about 0.4 of it).
         steady = r.retained_bytes_per_request >= 0.6 * r.first_half_bytes_per_request
+        # Consistently above the floor: all but one of the route's replicates (its requests
+        # spread round-robin over several trampolines) retain at least the floor each. A route
+        # whose retention is a few objects that happened to be allocated under it does not;
+        # a leak does, even when a container's occasional reallocation lands in one replicate
+        # (which is why this is not a t test: that one large step inflates the spread).
+        rates = sorted(r.replicate_rates)
+        replicated = len(rates) < 3 or rates[1] >= floor
         significant = (
-            r.requests >= WINDOW_MIN_REQUESTS and r.retained_bytes_per_request >= floor and steady
+            r.requests >= WINDOW_MIN_REQUESTS
+            and r.retained_bytes_per_request >= floor
+            and steady
+            and replicated
         )
         by_key[r.key] = RouteEstimate(
             r.key,
             r.requests,
             r.retained_bytes_per_request,
-            None,
+            r.t,
             significant,
             False,
             "diagnosis",

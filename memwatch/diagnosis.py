@@ -26,6 +26,7 @@ length d the next one waits at least d / duty_cycle - d.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 import sysconfig
@@ -51,7 +52,10 @@ from memwatch.holders import (
 RouteKey = tuple[str, str, str]
 
 TRAMPOLINE_PREFIX = "<memwatch request "
-MAX_TAGS = 512
+MAX_TAGS = 1024
+# Each route's requests are spread round-robin over this many trampolines: replicates whose
+# retained bytes per request give the route's estimate a spread, hence a t statistic.
+BUCKETS = 4
 MAX_SITES = 10
 # Requests of each kind (first-seen credential, known credential; only the quarter of
 # credentials the first-seen filter samples can be told apart) a window needs before it says
@@ -116,6 +120,11 @@ class RouteRetention:
     retained_bytes: int
     retained_bytes_per_request: float
     first_half_bytes_per_request: float = 0.0
+    # Second-half bytes per request of each of the route's replicates (its requests spread
+    # round-robin over BUCKETS trampolines) that saw two requests or more, and their mean over
+    # its standard error (None with fewer than three such replicates).
+    replicate_rates: tuple[float, ...] = ()
+    t: float | None = None
 
 
 @dataclass
@@ -181,12 +190,15 @@ class Tag:
     known one (False), or either / no credential / not sampled (None).
     """
 
-    __slots__ = ("asgi", "index", "novel", "window", "wsgi")
+    __slots__ = ("asgi", "bucket", "index", "novel", "window", "wsgi")
 
-    def __init__(self, index: int, window: Window, novel: bool | None = None) -> None:
+    def __init__(
+        self, index: int, window: Window, novel: bool | None = None, bucket: int = 0
+    ) -> None:
         self.index = index
         self.window = window
         self.novel = novel
+        self.bucket = bucket
         namespace: dict[str, Any] = {}
         source = (
             "def wsgi(app, environ, start_response):\n"
@@ -228,7 +240,11 @@ class Window:
         self.frames = 0
         self.before: tracemalloc.Snapshot | None = None
         self.middle: tracemalloc.Snapshot | None = None
-        self._tags: dict[tuple[str, str, str, bool | None], Tag] = {}
+        self._tags: dict[tuple[str, str, str, bool | None, int], Tag] = {}
+        self._buckets: dict[int, int] = {}  # trampoline index -> replicate
+        self._sequence: dict[tuple[str, str, str], int] = {}  # requests tagged per key
+        # Second-half requests per (route, replicate).
+        self.bucket_counts: Counter[tuple[RouteKey, int]] = Counter()
         self._novel: dict[int, bool] = {}  # trampoline index -> novel, for sampled credentials
         self.novel_counts: Counter[tuple[RouteKey, bool]] = Counter()  # by route and novelty
         self._overflow: Tag | None = None
@@ -262,11 +278,19 @@ class Window:
         with self.lock:
             if not self.tagging:
                 return None
-            full = (*key, novel)
+            # Round-robin per request key, not over all requests: with a global counter, traffic
+            # that alternates routes (a health check every other request) would send each
+            # route to the same replicates every time.
+            seen = self._sequence.get(key, 0)
+            if seen or len(self._sequence) < MAX_TAGS:
+                self._sequence[key] = seen + 1
+            bucket = seen % BUCKETS
+            full = (*key, novel, bucket)
             tag = self._tags.get(full)
             if tag is None:
                 if len(self._tags) < MAX_TAGS:
-                    tag = self._tags[full] = Tag(len(self._tags), self, novel)
+                    tag = self._tags[full] = Tag(len(self._tags), self, novel, bucket)
+                    self._buckets[tag.index] = bucket
                     if novel is not None:
                         self._novel[tag.index] = novel
                 else:
@@ -291,6 +315,8 @@ class Window:
                 self.half_counts[self.half - 1][label] += 1
             if tag.novel is not None and label is not None:
                 self.novel_counts[(label, tag.novel)] += 1
+            if label is not None and self.half == 2 and tag is not self._overflow:
+                self.bucket_counts[(label, tag.bucket)] += 1
 
     def should_drain(self) -> bool:
         cfg = self.config
@@ -399,6 +425,7 @@ class Window:
             if route is not None:
                 first_bytes[route] += d.size_diff
         second_bytes: Counter[RouteKey] = Counter()
+        bucket_bytes: Counter[tuple[RouteKey, int]] = Counter()
         novel_bytes: Counter[tuple[RouteKey, bool]] = Counter()
         sites: list[SiteStat] = []
         unattributed = 0
@@ -407,6 +434,9 @@ class Window:
             route = self._label_of(index) if index is not None else None
             if route is not None:
                 second_bytes[route] += diff.size_diff
+                bucket = self._buckets.get(index) if index is not None else None
+                if bucket is not None:
+                    bucket_bytes[(route, bucket)] += diff.size_diff
             elif diff.size_diff > 0:
                 unattributed += diff.size_diff
             if diff.size_diff <= 0:
@@ -467,9 +497,37 @@ class Window:
                     retained_bytes=second_bytes.get(key, 0),
                     retained_bytes_per_request=steady,
                     first_half_bytes_per_request=early,
+                    replicate_rates=(
+                        rates := _replicate_rates(key, bucket_bytes, self.bucket_counts)
+                    ),
+                    t=_replicate_t(list(rates)),
                 )
             )
         result.routes = sorted(routes, key=lambda r: -r.retained_bytes_per_request)
+
+
+def _replicate_rates(
+    key: RouteKey,
+    bucket_bytes: Counter[tuple[RouteKey, int]],
+    bucket_counts: Counter[tuple[RouteKey, int]],
+) -> tuple[float, ...]:
+    return tuple(
+        bucket_bytes[(key, b)] / bucket_counts[(key, b)]
+        for b in range(BUCKETS)
+        if bucket_counts[(key, b)] >= 2
+    )
+
+
+def _replicate_t(rates: list[float]) -> float | None:
+    """Mean over standard error of a route's replicate rates (None with fewer than three)."""
+    k = len(rates)
+    if k < 3:
+        return None
+    mean = sum(rates) / k
+    var = sum((r - mean) ** 2 for r in rates) / (k - 1)
+    if var <= 0.0:
+        return math.inf if mean > 0 else 0.0
+    return mean / math.sqrt(var / k)
 
 
 def combined(splits: Iterable[CredentialSplit]) -> CredentialSplit:

@@ -107,3 +107,55 @@ def test_window_says_a_token_keyed_cache_follows_new_credentials() -> None:
 @pytest.mark.slow
 def test_window_says_a_per_request_list_follows_requests() -> None:
     assert drive_window(audit_app, new_share=0.3, seed=2) == "requests"
+
+
+KEPT: list[Any] = []
+
+
+def two_route_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """``/leak`` keeps a small record per request; ``/noise`` keeps one 20 KB buffer in fifty
+    requests (about as many bytes per request on average, from a handful of requests)."""
+    path = environ["PATH_INFO"]
+    if path == "/leak":
+        KEPT.append({"path": path, "pad": ["x" * 40] * 8})
+    elif path == "/noise":
+        counter = int(environ["QUERY_STRING"] or 0)
+        if counter % 50 == 0:
+            KEPT.append(bytearray(20_000))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+@pytest.mark.slow
+def test_window_marks_a_route_only_when_its_replicates_agree() -> None:
+    from memwatch.attribution import window_estimates
+
+    mw = memwatch.wrap(
+        two_route_app,
+        registry=CollectorRegistry(),
+        log_startup=False,
+        diagnosis="off",
+        diagnosis_requests=800,
+    )
+    assert isinstance(mw, WSGIMiddleware)
+    assert mw.monitor.start_diagnosis("test", force=True)
+    n = 0
+    try:
+        deadline = time.monotonic() + 60
+        while mw.monitor.diagnosis.windows == 0 and time.monotonic() < deadline:
+            n += 1
+            path = "/leak" if n % 2 else "/noise"
+            run_wsgi(mw, make_environ(path, query=str(n // 2)))
+            time.sleep(0.0005)
+        result = mw.monitor.diagnosis.last
+        assert result is not None
+        by_route = {r.key[0]: r for r in result.routes}
+        assert len(by_route["/leak"].replicate_rates) == 4
+        estimates = {e.key[0]: e for e in window_estimates(result, [], minimum=16.0)}
+        assert estimates["/leak"].significant
+        noise = estimates.get("/noise")
+        assert noise is None or not noise.significant, by_route.get("/noise")
+    finally:
+        if mw.monitor.diagnosis.window is not None:
+            mw.monitor.diagnosis.abandon()
+        KEPT.clear()
