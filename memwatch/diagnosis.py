@@ -109,6 +109,11 @@ class SiteStat:
     traceback: list[str]
     size_diff_bytes: int
     count_diff: int
+    # Net growth in the window's second half: what the site keeps for good. Sites are ranked by
+    # it: a cache that turns over allocates as much in the window as a leak (its frees of
+    # entries from before the window are invisible to tracemalloc) but keeps nothing net once
+    # the window's own entries are being evicted.
+    kept_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -442,6 +447,8 @@ class Window:
             if diff.size_diff <= 0:
                 continue
             frames = list(diff.traceback)  # oldest first
+            if frames and is_memwatch_file(frames[-1].filename):
+                continue  # memwatch's own bookkeeping (bounded, and tested on its own)
             site = _site(frames)
             if site is None:
                 continue
@@ -460,6 +467,7 @@ class Window:
                     ],
                     size_diff_bytes=max(total.size_diff, diff.size_diff),
                     count_diff=max(total.count_diff, diff.count_diff),
+                    kept_bytes=diff.size_diff,
                 )
             )
         result.sites = _merge_sites(sites)[:MAX_SITES]
@@ -592,8 +600,9 @@ def _merge_sites(sites: list[SiteStat]) -> list[SiteStat]:
                 traceback=bigger.traceback,
                 size_diff_bytes=prior.size_diff_bytes + s.size_diff_bytes,
                 count_diff=prior.count_diff + s.count_diff,
+                kept_bytes=prior.kept_bytes + s.kept_bytes,
             )
-    return sorted(merged.values(), key=lambda s: -s.size_diff_bytes)
+    return sorted(merged.values(), key=lambda s: (-s.kept_bytes, -s.size_diff_bytes))
 
 
 class Diagnosis:
