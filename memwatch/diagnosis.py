@@ -78,6 +78,32 @@ _LIBRARY_DIRS = tuple(
 )
 
 
+_STDLIB_DIRS = tuple(
+    {
+        os.path.abspath(p)
+        for p in (sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("platstdlib"))
+        if p
+    }
+)
+
+
+def made_by_memwatch(frames: list[tracemalloc.Frame]) -> bool:
+    """True when the newest frame outside the standard library is memwatch's own (its report
+    serialised by ``dataclasses``, its counters in a ``dict``): memwatch's bookkeeping, bounded
+    and tested on its own, is not a site of the app's growth."""
+    for frame in reversed(frames):
+        name = frame.filename
+        if name.startswith(TRAMPOLINE_PREFIX):
+            return False
+        if is_memwatch_file(name):
+            return True
+        if not (name.startswith(_STDLIB_DIRS) or name.startswith("<")) or (
+            "site-packages" in name
+        ):
+            return False
+    return False
+
+
 def is_memwatch_file(filename: str) -> bool:
     return filename.startswith(_MEMWATCH_DIR) and not filename.startswith(_DEMO_DIR)
 
@@ -447,8 +473,8 @@ class Window:
             if diff.size_diff <= 0:
                 continue
             frames = list(diff.traceback)  # oldest first
-            if frames and is_memwatch_file(frames[-1].filename):
-                continue  # memwatch's own bookkeeping (bounded, and tested on its own)
+            if made_by_memwatch(frames):
+                continue
             site = _site(frames)
             if site is None:
                 continue

@@ -159,3 +159,25 @@ def test_window_marks_a_route_only_when_its_replicates_agree() -> None:
         if mw.monitor.diagnosis.window is not None:
             mw.monitor.diagnosis.abandon()
         KEPT.clear()
+
+
+def test_allocations_made_by_memwatch_through_the_stdlib_are_not_sites() -> None:
+    import dataclasses
+    import os
+    import tracemalloc
+
+    import memwatch.report
+    from memwatch.diagnosis import TRAMPOLINE_PREFIX, made_by_memwatch
+
+    def frames(*names: str) -> list[tracemalloc.Frame]:
+        return [tracemalloc.Frame((name, 1)) for name in names]  # oldest first
+
+    stdlib = dataclasses.__file__
+    ours = memwatch.report.__file__
+    app = os.path.abspath("myapp/views.py")
+    library = os.path.join("/srv/venv/lib/python3.11/site-packages", "flask", "app.py")
+    assert made_by_memwatch(frames(app, ours, stdlib))  # our report, serialised by dataclasses
+    assert made_by_memwatch(frames(ours))
+    assert not made_by_memwatch(frames(ours, app, stdlib))  # the app's, through the stdlib
+    assert not made_by_memwatch(frames(ours, f"{TRAMPOLINE_PREFIX}3>", stdlib))
+    assert not made_by_memwatch(frames(ours, library))
