@@ -42,6 +42,8 @@ MIN_POINTS = 16  # envelope points needed before any verdict (the plateau test n
 MAX_PAIRS = 1000  # pairwise slopes per Theil-Sen fit: bounds an evaluation to about a millisecond
 # Bytes the suspected growth should add between the two readings of a collect check.
 CHECK_BYTES = 32_768
+# Share of the trend's growth rate that a collect check must find retained.
+RETAINED_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ class Verdict:
     collected_malloc_bytes_per_request: float | None = None
 
 
-def signal_series(samples: Sequence[Sample], signal: str, heap_block_bytes: float) -> tuple[
-    list[float], list[float], list[float]
-]:
+def signal_series(
+    samples: Sequence[Sample], signal: str, heap_block_bytes: float
+) -> tuple[list[float], list[float], list[float]]:
     """(requests, seconds, bytes) of one signal, skipping samples where it was unavailable."""
     xs: list[float] = []
     ts: list[float] = []
@@ -169,9 +171,7 @@ class CollectCheck:
             self.collections += 1
             self.seconds += time.thread_time() - start
 
-    def check(
-        self, requests: int, block_bytes: float, max_age: int, span: int = 0
-    ) -> float | None:
+    def check(self, requests: int, block_bytes: float, max_age: int, span: int = 0) -> float | None:
         """Retained heap growth, bytes per request, from the anchor reading to a reading now
         (and the allocator's in ``malloc_rate``).
 
@@ -323,7 +323,6 @@ class Detector:
         verdict.status = "suspected" if verdict.suspected else "ok"
         return verdict
 
-
     def _check_collected(
         self,
         window: Sequence[Sample],
@@ -362,8 +361,11 @@ class Detector:
                 measured = check.malloc_rate + max(rate, 0.0)
             else:
                 measured, what = rate, "the heap after a full collection"
-            # A real leak keeps about what the trend says; garbage and free lists leave little.
-            if measured >= max(self.min_rate(t.signal), 0.5 * (t.low or 0.0)):
+            # A real leak keeps about what the trend says (the corpus's leaks: 90-100 % of
+            # it); garbage, free lists and a decaying warm-up keep markedly less.
+            if measured >= max(
+                self.min_rate(t.signal), RETAINED_SHARE * (t.bytes_per_request or 0.0)
+            ):
                 kept.append(t)
                 continue
             if t.signal == "rss":
