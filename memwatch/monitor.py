@@ -47,6 +47,9 @@ FIRST_SEEN_SAMPLING = 4
 # The most requests between two periodic samples, whatever a heap walk costs (at 5 M blocks,
 # 144 µs, twice that at the default budget gives about 600).
 MAX_SAMPLE_INTERVAL = 1000
+# t an estimate from per-request deltas needs to name a route while windows are on (about
+# one chance in three million under the null, against one in 740 at t = 3).
+STRICT_PAIR_T = 5.0
 # How many times the sampling budget is spent between the warm-up and the first verdict.
 BOOST = 4
 # The most requests between two evaluations of the detector, whatever one costs.
@@ -445,12 +448,21 @@ class Monitor:
         diagnosed = self.diagnosis.last
         if diagnosed is not None and diagnosed.routes:
             estimates = window_estimates(diagnosed, estimates, minimum)
+        # With diagnosis windows on, a window names the routes; until one has, an estimate from
+        # per-request deltas must be far beyond chance to name one alone: every route is tested
+        # on three channels at every evaluation, and t >= 3 then comes up by chance.
+        strict = self.config.diagnosis != "off"
         self.route_estimates = [
             dataclasses.replace(
                 e,
                 suspected=verdict.suspected
                 and e.significant
-                and (e.retained_bytes_per_request or 0.0) >= minimum,
+                and (e.retained_bytes_per_request or 0.0) >= minimum
+                and (
+                    not strict
+                    or e.channel == "diagnosis"
+                    or (e.t is not None and e.t >= STRICT_PAIR_T)
+                ),
             )
             for e in estimates
         ]
