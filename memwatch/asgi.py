@@ -19,7 +19,6 @@ import typing as t
 from memwatch.config import Config
 from memwatch.core import Memwatch
 from memwatch.endpoints import INTERNAL_ERROR, EndpointRequest, EndpointResponse
-from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks, starlette_template
 
 if t.TYPE_CHECKING:
@@ -69,6 +68,9 @@ class ASGIMiddleware:
         )
         self.monitor = self.memwatch.monitor
         self._endpoints = self.memwatch.endpoints
+        self._classify = self.monitor.auth.from_scope
+        self._metrics_path = self._endpoints.metrics_path
+        self._report_path = self._endpoints.report_path
         self._enabled = self.config.enabled
         self.framework = install_route_hooks(app) if self._enabled else None
         if self._enabled:
@@ -78,7 +80,9 @@ class ASGIMiddleware:
         if scope["type"] != "http" or not self._enabled:
             await self.app(scope, receive, send)
             return
-        if self._endpoints.handles(scope.get("path") or "/"):
+        path = scope.get("path") or "/"
+        # Endpoints.handles(), inlined: this runs on every request.
+        if path == self._metrics_path or path.startswith(self._report_path):
             response = self._respond(scope)
             if response is not None:
                 await _send_response(send, response)
@@ -134,19 +138,27 @@ class ASGIMiddleware:
         """Records a finished request. Never raises."""
         label: tuple[str, str, str] | None = None
         try:
-            routes = self.monitor.routes
+            monitor = self.monitor
+            path = None
             template = scope.get(ROUTE_KEY) or starlette_template(scope, root_path)
-            if template is not None:
-                route = routes.label(template)
-            elif status == 404 and (self.framework is not None or "app" in scope):
-                route = routes.label(UNMATCHED)
+            if template is None:
+                if status == 404 and (self.framework is not None or "app" in scope):
+                    template = UNMATCHED
+                else:
+                    path = scope.get("path") or "/"
+            auth, credential = self._classify(scope)
+            record = (
+                template,
+                path,
+                scope.get("method") or "GET",
+                auth,
+                monitor.fingerprint(credential) if credential else None,
+                status,
+            )
+            if entry is None and tag is None:
+                monitor.enqueue(record)  # the fast path: counted at the next drain
             else:
-                route = routes.for_path(scope.get("path") or "/")
-            auth, credential = self.monitor.auth.from_scope(scope)
-            method = scope.get("method") or "GET"
-            if tag is not None:
-                label = (route, method_label(method), auth)
-            self.monitor.request_exit(route, method, auth, credential, status, entry)
+                label = monitor.record_measured(*record, entry)
         except Exception as exc:
             self.monitor.errors.record("asgi.finish", exc)
         finally:

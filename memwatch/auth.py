@@ -28,8 +28,8 @@ _NAMED_SCHEMES = {"bearer": "bearer", "basic": "basic", "digest": "digest"}
 _MAX_VALUE = 8192
 
 Classified = tuple[str, str | None]
-# One-byte values str.isspace() is true for, in latin-1 (what the slow path strips).
-_BLANK = frozenset(bytes([c]) for c in range(256) if chr(c).isspace())
+# Byte values whose latin-1 character str.isspace() is true for (what the slow path strips).
+_BLANK_BYTES = frozenset(c for c in range(256) if chr(c).isspace())
 ANONYMOUS: Classified = ("anonymous", None)
 
 
@@ -41,6 +41,7 @@ class AuthClassifier:
             "HTTP_" + name.upper().replace("-", "_") for name in config.apikey_headers
         )
         self._apikey_raw = frozenset(name.encode("latin-1") for name in config.apikey_headers)
+        self._wanted = self._apikey_raw | {b"authorization", b"cookie"}
         self._query = tuple(
             (name + "=", "bearer" if name == "access_token" else "apikey")
             for name in config.query_credentials
@@ -77,71 +78,46 @@ class AuthClassifier:
         if get is None:
             return ANONYMOUS
         headers: Iterable[tuple[bytes, bytes]] = get("headers") or ()
-        # Building a dict of the headers runs in C and costs about half of a Python loop over
-        # them. It is exact when every name occurs once (dict() keeps the last value of a
-        # repeated name, the loop joins repeated cookies): otherwise, and for containers that
-        # can only be iterated once, the loop decides.
-        unique: dict[bytes, bytes] | None = None
-        if type(headers) is list or type(headers) is tuple:
-            try:
-                unique = dict(headers)
-            except (TypeError, ValueError):
-                unique = None
-            if unique is not None and len(unique) != len(headers):
-                unique = None
+        # One set look-up per header, in one pass: cheaper than building a dict of them (which
+        # allocates a table per request) and exact for repeated names (the last Authorization,
+        # the first non-empty API-key header, every Cookie joined).
+        wanted = self._wanted
+        authorization: bytes | None = None
         apikey: bytes | None = None
         cookie: bytes | None = None
-        if unique is None:
-            authorization, apikey, cookie = self._scan_headers(headers)
-        else:
-            authorization = unique.get(b"authorization")
+        for name, value in headers:
+            if name in wanted:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"cookie":
+                    cookie = value if cookie is None else cookie + b"; " + value
+                elif not apikey:
+                    apikey = value
+        if authorization:
             # The common case without a call: "Bearer <token>" needing no stripping (what
             # classify_authorization returns for it, checked by the tests).
             if (
-                authorization is not None
-                and authorization[:7] == b"Bearer "
+                authorization.startswith(b"Bearer ")
                 and 8 <= len(authorization) <= _MAX_VALUE
-                and authorization[7:8] not in _BLANK
-                and authorization[-1:] not in _BLANK
+                and authorization[7] not in _BLANK_BYTES
+                and authorization[-1] not in _BLANK_BYTES
             ):
                 return "bearer", authorization[7:].decode("latin-1")
-        if authorization:
-            scheme = classify_authorization(authorization[:_MAX_VALUE].decode("latin-1"))
+            scheme = classify_authorization(bytes(authorization[:_MAX_VALUE]).decode("latin-1"))
             if scheme is not ANONYMOUS:  # a blank header leaves the other sources to decide
                 return scheme
-        if unique is not None:
-            cookie = unique.get(b"cookie")
-            if not self._apikey_raw.isdisjoint(unique):
-                apikey = self._scan_headers(headers)[1]  # the first one, in header order
         if apikey:
-            return "apikey", apikey[:_MAX_VALUE].decode("latin-1")
+            return "apikey", bytes(apikey[:_MAX_VALUE]).decode("latin-1")
         query = get("query_string")
         if query:
             found = self._from_query(bytes(query)[:_MAX_VALUE].decode("latin-1"))
             if found is not None:
                 return found
         if cookie:
-            found = self._from_cookie(cookie.decode("latin-1"))
+            found = self._from_cookie(bytes(cookie).decode("latin-1"))
             if found is not None:
                 return found
         return ANONYMOUS
-
-    def _scan_headers(
-        self, headers: Iterable[tuple[bytes, bytes]]
-    ) -> tuple[bytes | None, bytes | None, bytes | None]:
-        """(authorization, API key, cookies) of ASGI headers: the last ``Authorization``, the
-        first non-empty API-key header, every ``Cookie`` header joined with ``; ``."""
-        authorization: bytes | None = None
-        apikey: bytes | None = None
-        cookie: bytes | None = None
-        for name, value in headers:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"cookie":
-                cookie = value if cookie is None else cookie + b"; " + value
-            elif not apikey and name in self._apikey_raw:
-                apikey = value
-        return authorization, apikey, cookie
 
     # Names are compared on each part's own prefix, not through offsets into a lowered copy:
     # str.lower() can change a string's length (U+0130 becomes two characters), which would

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -58,6 +59,13 @@ MAX_EVAL_SPACING = 2000
 # 7,000 sampled (28,000 actual) credentials per filter.
 FIRST_SEEN_BITS = 2**17
 
+# The most fast-path records waiting for a drain (a drain runs at least this often).
+DRAIN_MAX = 256
+# The queue's hard bound (never reached while request_entry() runs: it drains every DRAIN_MAX).
+PENDING_MAX = 65536
+# Drains per ``sample_every_seconds`` at low traffic, so that time-based samples stay on time.
+DRAINS_PER_PERIOD = 4
+
 # Samples a snapshot carries (spread over the whole history): what the report's charts show.
 HISTORY_POINTS = 240
 
@@ -82,6 +90,9 @@ DELTA_BUCKETS = (
 )
 
 RequestKey = tuple[str, str, str, str]  # route, method, auth, outcome
+# A request as the middlewares queue it: (template or None, raw path when there is no template,
+# method, auth scheme, credential fingerprint or None, status as an int or a WSGI status line).
+Record = tuple["str | None", "str | None", str, str, "int | None", "int | str | None"]
 
 
 def outcome_of(status: int) -> str:
@@ -96,6 +107,16 @@ def outcome_of(status: int) -> str:
 
 def method_label(method: str) -> str:
     return method if method in METHODS else "OTHER"
+
+
+def status_code(status: int | str | None) -> int:
+    """An ASGI status (int) or a WSGI status line (``"404 Not Found"``); 500 when unreadable."""
+    if type(status) is int:
+        return status
+    try:
+        return int(str(status)[:3])
+    except ValueError:
+        return 500
 
 
 @dataclass
@@ -170,7 +191,16 @@ class Monitor:
         self._random = (rng or random.Random()).random
         self._lock = threading.Lock()
         self._sample_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
         self._fingerprinter = Fingerprinter()
+        # The fast path's queue: ``enqueue`` (deque.append, atomic under the GIL) is all a
+        # request does with the monitor's state; :meth:`drain` folds the queue into the
+        # counters in batches, where equal records are counted once by ``Counter`` in C.
+        # Bounded: a host that never calls request_entry() (which drains) loses counts, not
+        # memory.
+        self._pending: collections.deque[Record] = collections.deque(maxlen=PENDING_MAX)
+        self.enqueue = self._pending.append
+        self.fingerprint = self._fingerprinter.fingerprint
         self._reset_state()
         _MONITORS.add(self)
 
@@ -212,12 +242,23 @@ class Monitor:
         self._min_interval = self.config.sample_every_requests
         self._cost_interval = 1
         self._pair_rate = self.config.request_sample_rate
+        # Requests are numbered at entry; one comparison per request decides whether anything
+        # besides counting is due (a drain, a sample, a probe, a pair to close).
+        self._pending.clear()
+        self._tickets = itertools.count()
+        self._next_event = 0
+        self._next_drain = 0
+        self._next_probe = self._probe_gap()
+        self._last_drain_ticket = 0
+        self._last_drain_time = self._clock()
 
     def _after_fork(self) -> None:
         # A worker forked from a master that served requests (or held a lock) starts afresh.
         self._lock = threading.Lock()
         self._sample_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
         self._fingerprinter = Fingerprinter()
+        self.fingerprint = self._fingerprinter.fingerprint
         self._reset_state()
 
     # --- the per-request path ----------------------------------------------------------------
@@ -226,13 +267,130 @@ class Monitor:
         """Called when a request enters; returns a probe if the request is measured.
 
         A measured request takes readings at its entry; the first request to enter after it
-        has finished takes them again (see :mod:`memwatch.attribution`).
+        has finished takes them again (see :mod:`memwatch.attribution`). Drains of the queue
+        and periodic samples also run here, at the entry of the request whose number is due.
         """
+        ticket = next(self._tickets)
+        if ticket < self._next_event:
+            return None
+        return self._event(ticket)
+
+    def _probe_gap(self) -> int:
+        """Requests until the next measured one: geometric, so that measured requests are a
+        random ``request_sample_rate`` share that never aliases with periodic traffic."""
+        rate = self._pair_rate
+        if rate >= 1.0:
+            return 1
+        if rate <= 0.0:
+            return 1 << 62
+        u = self._random()
+        return 1 + int(math.log1p(-u) / math.log1p(-rate)) if u < 1.0 else 1
+
+    def _event(self, ticket: int) -> Probe | None:
+        probe = None
         if self._closable is not None:
-            return self._probe_close()
-        if self._inflight is None and self._random() < self._pair_rate:
-            return self._probe_open()
-        return None
+            probe = self._probe_close()  # read before the drain frees the queued records
+        if ticket >= self._next_drain:
+            self._drain_due(ticket)
+        if probe is None and ticket >= self._next_probe:
+            self._next_probe = ticket + self._probe_gap()
+            if self._inflight is None:
+                probe = self._probe_open()
+        self._next_event = (
+            0 if self._closable is not None else min(self._next_drain, self._next_probe)
+        )
+        return probe
+
+    def _drain_due(self, ticket: int) -> None:
+        """Drains the queue, takes a sample if one is due, and schedules the next drain."""
+        if not self._drain_lock.acquire(blocking=False):
+            return  # another thread is draining
+        try:
+            self._drain_locked()
+            now = self._clock()
+            done = ticket - self._last_drain_ticket
+            elapsed = now - self._last_drain_time
+            self._last_drain_ticket = ticket
+            self._last_drain_time = now
+        finally:
+            self._drain_lock.release()
+        if self._sample_due(now):
+            self.take_sample()
+        # The next drain: when the next sample is due by count, or sooner at low traffic so
+        # that a sample due by time waits at most a fraction of sample_every_seconds.
+        left = self._min_interval - (self.requests - self._last_sample_requests)
+        gap = min(max(left, 1), DRAIN_MAX)
+        if elapsed > 0:
+            per_period = done / elapsed * self.config.sample_every_seconds
+            gap = min(gap, max(1, int(per_period / DRAINS_PER_PERIOD)))
+        self._next_drain = ticket + gap
+
+    def _sample_due(self, now: float) -> bool:
+        since = self.requests - self._last_sample_requests
+        return since >= self._min_interval or (
+            since >= self._cost_interval
+            and now - self._last_sample_time >= self.config.sample_every_seconds
+        )
+
+    def drain(self) -> None:
+        """Folds every queued request into the counters and sketches (exports call it)."""
+        with self._drain_lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        queue = self._pending
+        n = len(queue)
+        if not n:
+            return
+        pop = queue.popleft  # popleft, not a swap: an append racing the drain is never lost
+        batch = collections.Counter([pop() for _ in range(n)])
+        routes = self.routes
+        sketches = self._sketches
+        with self._lock:
+            counts = self._counts
+            for (template, path, method, auth, fingerprint, status), k in batch.items():
+                if template is not None:
+                    route = routes.label(template, k)
+                else:
+                    route = routes.for_path(path or "/", k)
+                code = status if type(status) is int else status_code(status)
+                key = (
+                    route,
+                    method if method in METHODS else "OTHER",
+                    auth,
+                    "ok" if code < 400 else outcome_of(code),
+                )
+                counts[key] = counts.get(key, 0) + k
+                if fingerprint is not None:
+                    sketch = sketches.get(auth)
+                    if sketch is not None:
+                        sketch.add(fingerprint)
+                    if fingerprint % FIRST_SEEN_SAMPLING == 0:
+                        self._note_credential(fingerprint)
+            self.requests += n
+
+    def record_measured(
+        self,
+        template: str | None,
+        path: str | None,
+        method: str,
+        auth: str,
+        fingerprint: int | None,
+        status: int | str | None,
+        probe: Probe | None,
+    ) -> tuple[str, str, str]:
+        """Queues a request that the fast path does not cover (a measured request, or one in a
+        diagnosis window) and returns its (route, method, auth) label now."""
+        if template is not None:
+            route = self.routes.label(template)
+        else:
+            route = self.routes.for_path(path or "/")
+        key = (route, method_label(method), auth)
+        self.enqueue((template, path, method, auth, fingerprint, status))
+        if probe is not None:
+            with self._lock:
+                self._probe_done(probe, key)
+        return key
 
     def _read_probe(self, heavy: bool) -> Probe:
         signals = self.signals
@@ -318,6 +476,7 @@ class Monitor:
         if probe is self._inflight:
             self._inflight = None
             self._closable = probe  # the next request to enter closes the pair
+            self._next_event = 0
             return
         pair = probe.pair
         if pair is None or pair.a.key is None or pair.b.key is None:
@@ -347,6 +506,7 @@ class Monitor:
         if not self._sample_lock.acquire(blocking=False):
             return None
         try:
+            self.drain()
             sample = self.read_signals()
             self.history.append(sample)
             self._last_sample_time = sample.time
@@ -531,6 +691,7 @@ class Monitor:
         fingerprint = self._fingerprinter.fingerprint(credential)
         if fingerprint % FIRST_SEEN_SAMPLING:
             return None
+        self.drain()  # credentials of queued requests are known already
         with self._lock:
             old = self._first_seen_old
             return not (
@@ -658,6 +819,7 @@ class Monitor:
     # --- reading the state --------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
+        self.drain()
         with self._lock:
             counts = dict(self._counts)
             deltas = {

@@ -144,7 +144,9 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self._labels)
 
-    def label(self, template: str) -> str:
+    def label(self, template: str, count: int = 1) -> str:
+        """The label for a template; ``count`` requests are counted as overflowed when the cap
+        is full."""
         label = self._labels.get(template)
         if label is not None:
             return label
@@ -155,13 +157,13 @@ class RouteTable:
                     label = self._labels[template] = template
                 else:
                     # Overflow labels are not remembered: memory stays bounded by max_routes.
-                    self.overflowed += 1
+                    self.overflowed += count
                     return OTHER
             return label
 
-    def for_path(self, path: str) -> str:
+    def for_path(self, path: str, count: int = 1) -> str:
         """The label for a raw path with no framework template."""
-        return self.label(self._normalise(path))
+        return self.label(self._normalise(path), count)
 
     def labels(self) -> list[str]:
         return list(self._labels)

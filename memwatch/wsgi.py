@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from memwatch.config import Config
 from memwatch.core import Memwatch
 from memwatch.endpoints import INTERNAL_ERROR, EndpointRequest, EndpointResponse
-from memwatch.monitor import method_label
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks
 
 if t.TYPE_CHECKING:
@@ -52,6 +51,9 @@ class EnvironRecorder:
         self.config = memwatch.config
         self.monitor = memwatch.monitor
         self._endpoints = memwatch.endpoints
+        self._classify = self.monitor.auth.from_environ
+        self._metrics_path = self._endpoints.metrics_path
+        self._report_path = self._endpoints.report_path
         self.framework = framework
 
     def tag_request(self, environ: Environ) -> Tag | None:
@@ -74,20 +76,27 @@ class EnvironRecorder:
         """Records a finished request. Never raises."""
         label: tuple[str, str, str] | None = None
         try:
-            code = int(status[:3]) if status else 500
-            routes = self.monitor.routes
+            monitor = self.monitor
+            path = None
             template = environ.get(ROUTE_KEY)
-            if template is not None:
-                route = routes.label(template)
-            elif code == 404 and self.framework is not None:
-                route = routes.label(UNMATCHED)
+            if template is None:
+                if self.framework is not None and status and status[:3] == "404":
+                    template = UNMATCHED
+                else:
+                    path = environ.get("PATH_INFO") or "/"
+            auth, credential = self._classify(environ)
+            record = (
+                template,
+                path,
+                environ.get("REQUEST_METHOD") or "GET",
+                auth,
+                monitor.fingerprint(credential) if credential else None,
+                status,
+            )
+            if entry is None and tag is None:
+                monitor.enqueue(record)  # the fast path: counted at the next drain
             else:
-                route = routes.for_path(environ.get("PATH_INFO") or "/")
-            auth, credential = self.monitor.auth.from_environ(environ)
-            method = environ.get("REQUEST_METHOD") or "GET"
-            if tag is not None:
-                label = (route, method_label(method), auth)
-            self.monitor.request_exit(route, method, auth, credential, code, entry)
+                label = monitor.record_measured(*record, entry)
         except Exception as exc:
             self.monitor.errors.record(self.kind + ".finish", exc)
         finally:
@@ -155,7 +164,9 @@ class WSGIMiddleware(EnvironRecorder):
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if not self._enabled:
             return self.app(environ, start_response)
-        if self._endpoints.handles(environ.get("PATH_INFO") or "/"):
+        path = environ.get("PATH_INFO") or "/"
+        # Endpoints.handles(), inlined: this runs on every request.
+        if path == self._metrics_path or path.startswith(self._report_path):
             served = self._serve(environ, start_response)
             if served is not None:
                 return served

@@ -147,9 +147,10 @@ def test_unreadable_proc_and_failing_psutil(
     snapshot = app.monitor.snapshot()
     assert snapshot.requests == REQUESTS
     # AND each failed RSS reading is counted, and logged once
-    assert process.calls >= REQUESTS // 10
+    # (a sample is taken at the entry of the request it is due at: the last one after 290)
+    assert process.calls >= REQUESTS // 10 - 1
     assert app.monitor.errors.by_where["signals.rss"] == process.calls
-    assert internal_errors_metric(app) >= REQUESTS // 10
+    assert internal_errors_metric(app) >= REQUESTS // 10 - 1
     assert_logged_once(logs, "signals.rss")
     # AND the exposition leaves the RSS gauge out rather than report a made-up value, while
     # the heap still reads: the verdict is not "unknown"
@@ -267,6 +268,7 @@ def test_collector_failure_through_wsgi(logs: pytest.LogCaptureFixture) -> None:
         assert (reply.status, reply.body) == (500, b"Internal Server Error")
     # AND the app keeps answering its own paths, and every request is still counted
     serve(app, 20)
+    app.monitor.drain()  # requests wait in the fast path's queue until a drain
     assert app.monitor.requests == 40
     assert app.monitor.errors.by_where == {"exporter.collect": 3, "wsgi.endpoint": 2}
     assert_logged_once(logs, "exporter.collect", "wsgi.endpoint")
@@ -287,6 +289,7 @@ def test_collector_failure_through_asgi(logs: pytest.LogCaptureFixture) -> None:
     reply = aget("/memwatch/report.json")
     assert (reply.status, reply.body) == (500, b"Internal Server Error")
     assert aget("/users/x").body == b"ok"
+    app.monitor.drain()  # requests wait in the fast path's queue until a drain
     assert app.monitor.requests == 21
     assert app.monitor.errors.by_where == {"exporter.collect": 2, "asgi.endpoint": 1}
     assert_logged_once(logs, "exporter.collect", "asgi.endpoint")
@@ -351,6 +354,7 @@ def test_a_window_uses_the_users_tracing_and_never_stops_it(logs: pytest.LogCapt
     assert app.monitor.diagnosis.last is not None and app.monitor.diagnosis.last.frames == 7
     assert all(tracemalloc.get_object_traceback(b) is not None for b in kept)
     # AND the app answered every request, with nothing failing inside memwatch
+    app.monitor.drain()  # requests wait in the fast path's queue until a drain
     assert app.monitor.requests == sent
     assert app.monitor.errors.total == 0
     assert error_logs(logs) == Counter()

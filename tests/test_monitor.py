@@ -338,3 +338,103 @@ def test_sampling_is_boosted_from_the_warm_up_to_the_first_verdict() -> None:
     assert statistics.median(gaps_by_phase["warm-up"][5:]) == 120
     assert statistics.median(gaps_by_phase["boost"]) == 50
     assert statistics.median(gaps_by_phase["judging"]) == 120
+
+
+# --- the fast path: requests queued as records, drained in batches ---------------------------
+
+
+def serve_fast(
+    m: Monitor,
+    template: str | None,
+    path: str | None = None,
+    auth: str = "anonymous",
+    credential: str | None = None,
+    status: int = 200,
+) -> bool:
+    """One request as the middlewares record it; True when it was a measured one."""
+    probe = m.request_entry()
+    fingerprint = m.fingerprint(credential) if credential else None
+    record = (template, path, "GET", auth, fingerprint, status)
+    if probe is None:
+        m.enqueue(record)
+        return False
+    m.record_measured(*record, probe)
+    return True
+
+
+def test_fast_path_counts_are_exact_and_samples_come_every_n_requests() -> None:
+    m = monitor(sample_every_requests=10, sample_every_seconds=3600.0, sample_budget_us=1e6)
+    for i in range(35):
+        serve_fast(m, "/x" if i % 2 else None, path=f"/users/{i}", status=404 if i % 5 else 200)
+    # A sample is taken at the entry of the request it is due at, after draining the queue.
+    assert [s.requests for s in m.history] == [10, 20, 30]
+    counts = m.snapshot().counts
+    assert counts == {
+        ("/x", "GET", "anonymous", "client_error"): 14,
+        ("/x", "GET", "anonymous", "ok"): 3,
+        ("/users/{id}", "GET", "anonymous", "client_error"): 14,
+        ("/users/{id}", "GET", "anonymous", "ok"): 4,
+    }
+    assert m.requests == 35
+
+
+def test_fast_path_samples_every_t_seconds_at_low_traffic() -> None:
+    # GIVEN requests 0.3 s apart, a period of 1 s and a request count that never triggers
+    clock = FakeClock()
+    start = clock()
+    m = monitor(clock, sample_every_requests=10**6, sample_every_seconds=1.0, sample_budget_us=1e6)
+    for _ in range(100):
+        clock.advance(0.3)
+        serve_fast(m, "/x")
+    # THEN the queue is drained often enough that every sample comes within a request of due
+    times = [start] + [s.time for s in m.history]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) >= 100 // 4 - 1
+    assert all(1.0 <= gap < 1.0 + 0.3 + 1e-9 for gap in gaps), gaps
+
+
+def test_fast_path_credentials_reach_the_sketches() -> None:
+    m = monitor(sample_every_requests=10**6, sample_every_seconds=3600.0)
+    for i in range(3000):
+        serve_fast(m, "/x", auth="bearer", credential=f"{CANARY}-{i % 1000}")
+    distinct = m.snapshot().distinct_credentials["bearer"]
+    assert 950 <= distinct <= 1050
+    assert 700 <= m.first_seen <= 1300  # one in four sampled, times four
+
+
+def test_fast_path_measures_the_configured_share_of_requests() -> None:
+    m = monitor(request_sample_rate=0.05, sample_every_requests=10**6)
+    measured = sum(serve_fast(m, "/x") for _ in range(20_000))
+    # Pairs: a measured request and the next one to enter, so about 2 x 5 %, never 0.
+    assert 1400 <= measured <= 2600
+    assert m.snapshot().requests == 20_000
+
+
+def test_the_queue_is_bounded_when_nothing_drains_it() -> None:
+    from memwatch.monitor import PENDING_MAX
+
+    m = monitor()
+    for _ in range(PENDING_MAX + 1000):
+        m.enqueue(("/x", None, "GET", "anonymous", None, 200))  # no request_entry(): no drain
+    assert len(m._pending) == PENDING_MAX
+    assert m.snapshot().requests == PENDING_MAX
+
+
+def test_fast_path_counts_are_exact_under_threads() -> None:
+    import threading
+
+    m = monitor(sample_every_requests=50, request_sample_rate=0.05)
+
+    def worker(n: int) -> None:
+        for i in range(5000):
+            serve_fast(m, f"/r{n % 3}", auth="bearer", credential=f"t{i % 50}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    snap = m.snapshot()
+    assert snap.requests == 40_000
+    assert sum(snap.counts.values()) == 40_000
+    assert snap.counts[("/r0", "GET", "bearer", "ok")] == 3 * 5000
