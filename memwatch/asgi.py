@@ -152,8 +152,8 @@ class ASGIMiddleware:
                 path,
                 scope.get("method") or "GET",
                 auth,
-                monitor.fingerprint(credential) if credential else None,
                 status,
+                monitor.fingerprint(credential) if credential else None,
             )
             if entry is None and tag is None:
                 monitor.enqueue(record)  # the fast path: counted at the next drain

@@ -36,7 +36,7 @@ from memwatch.config import Config
 from memwatch.detector import MIN_POINTS, CollectCheck, Detector, Verdict
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
-from memwatch.routes import RouteTable, normalize_path
+from memwatch.routes import OTHER, RouteTable, normalize_path
 from memwatch.signals import Sample, SampleRing, Signals
 from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
 
@@ -91,8 +91,8 @@ DELTA_BUCKETS = (
 
 RequestKey = tuple[str, str, str, str]  # route, method, auth, outcome
 # A request as the middlewares queue it: (template or None, raw path when there is no template,
-# method, auth scheme, credential fingerprint or None, status as an int or a WSGI status line).
-Record = tuple["str | None", "str | None", str, str, "int | None", "int | str | None"]
+# method, auth scheme, status as an int or a WSGI status line, credential fingerprint or None).
+Record = tuple["str | None", "str | None", str, str, "int | str | None", "int | None"]
 
 
 def outcome_of(status: int) -> str:
@@ -343,26 +343,36 @@ class Monitor:
         if not n:
             return
         pop = queue.popleft  # popleft, not a swap: an append racing the drain is never lost
-        batch = collections.Counter([pop() for _ in range(n)])
+        # Counter hashes each record once, in C; equal records (same labels and credential)
+        # are then handled once. Labels are worked out once per distinct label set.
+        grouped = collections.Counter([pop() for _ in range(n)])
         routes = self.routes
         sketches = self._sketches
+        keys: dict[tuple[object, ...], RequestKey] = {}
         with self._lock:
             counts = self._counts
-            for (template, path, method, auth, fingerprint, status), k in batch.items():
-                if template is not None:
-                    route = routes.label(template, k)
-                else:
-                    route = routes.for_path(path or "/", k)
-                code = status if type(status) is int else status_code(status)
-                key = (
-                    route,
-                    method if method in METHODS else "OTHER",
-                    auth,
-                    "ok" if code < 400 else outcome_of(code),
-                )
+            for record, k in grouped.items():
+                labels = record[:5]
+                key = keys.get(labels)
+                if key is None:
+                    template, path, method, auth, status = labels
+                    if template is not None:
+                        route = routes.label(template, k)
+                    else:
+                        route = routes.for_path(path or "/", k)
+                    code = status if type(status) is int else status_code(status)
+                    key = keys[labels] = (
+                        route,
+                        method if method in METHODS else "OTHER",
+                        auth,
+                        "ok" if code < 400 else outcome_of(code),
+                    )
+                elif key[0] == OTHER:
+                    self.routes.overflowed += k
                 counts[key] = counts.get(key, 0) + k
+                fingerprint = record[5]
                 if fingerprint is not None:
-                    sketch = sketches.get(auth)
+                    sketch = sketches.get(key[2])
                     if sketch is not None:
                         sketch.add(fingerprint)
                     if fingerprint % FIRST_SEEN_SAMPLING == 0:
@@ -375,8 +385,8 @@ class Monitor:
         path: str | None,
         method: str,
         auth: str,
-        fingerprint: int | None,
         status: int | str | None,
+        fingerprint: int | None,
         probe: Probe | None,
     ) -> tuple[str, str, str]:
         """Queues a request that the fast path does not cover (a measured request, or one in a
@@ -386,7 +396,7 @@ class Monitor:
         else:
             route = self.routes.for_path(path or "/")
         key = (route, method_label(method), auth)
-        self.enqueue((template, path, method, auth, fingerprint, status))
+        self.enqueue((template, path, method, auth, status, fingerprint))
         if probe is not None:
             with self._lock:
                 self._probe_done(probe, key)

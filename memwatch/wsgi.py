@@ -90,8 +90,8 @@ class EnvironRecorder:
                 path,
                 environ.get("REQUEST_METHOD") or "GET",
                 auth,
-                monitor.fingerprint(credential) if credential else None,
                 status,
+                monitor.fingerprint(credential) if credential else None,
             )
             if entry is None and tag is None:
                 monitor.enqueue(record)  # the fast path: counted at the next drain

@@ -354,7 +354,7 @@ def serve_fast(
     """One request as the middlewares record it; True when it was a measured one."""
     probe = m.request_entry()
     fingerprint = m.fingerprint(credential) if credential else None
-    record = (template, path, "GET", auth, fingerprint, status)
+    record = (template, path, "GET", auth, status, fingerprint)
     if probe is None:
         m.enqueue(record)
         return False
@@ -415,7 +415,7 @@ def test_the_queue_is_bounded_when_nothing_drains_it() -> None:
 
     m = monitor()
     for _ in range(PENDING_MAX + 1000):
-        m.enqueue(("/x", None, "GET", "anonymous", None, 200))  # no request_entry(): no drain
+        m.enqueue(("/x", None, "GET", "anonymous", 200, None))  # no request_entry(): no drain
     assert len(m._pending) == PENDING_MAX
     assert m.snapshot().requests == PENDING_MAX
 
