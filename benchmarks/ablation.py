@@ -1,0 +1,175 @@
+"""Where memwatch's added time goes, in place: the shipped middleware with one part taken out.
+
+Each variant serves the in-process harness's endpoint and requests (``benchmarks/inprocess.py``)
+in the same interleaved rounds (the order shuffled every round, seeded), so that what a part
+costs is measured with the application's working set around it, not in a tight loop:
+
+- ``bare``: the application alone;
+- ``trivial``: a pass-through observer (status captured, one dict increment per request), the
+  least any middleware costs;
+- ``memwatch``: ``memwatch.wrap(app)``, default settings;
+- ``no-finish``: memwatch with the end-of-request work replaced by queueing a constant record
+  (no route template, no auth classification, no fingerprint);
+- ``no-classify``: memwatch with every request classified as anonymous (no header scan, no
+  fingerprint, nothing folded into the credential sketches);
+- ``no-pairs``: ``request_sample_rate=0`` (no measured requests);
+- ``sparse-samples``: ``sample_every_requests=1000`` and no pairs (periodic readings and detector
+  evaluations twenty times rarer than the default).
+
+The added time of a variant is the median over rounds of (variant - bare); differences between
+variants are what the part costs. Each wrapped variant has its own monitor, but they share one
+process and heap.
+
+    .venv/bin/python benchmarks/ablation.py --app starlette --rounds 20
+    .venv/bin/python benchmarks/ablation.py --app flask --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import inprocess as bench
+
+import memwatch
+from memwatch.asgi import ASGIMiddleware
+from memwatch.wsgi import WSGIMiddleware
+
+CONSTANT = ("/x", None, "GET", "anonymous", 200, None)
+
+
+class TrivialASGI:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts: dict[tuple[Any, ...], int] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        def send_status(message: Any) -> Any:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            key = (scope.get("path"), status)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+
+class TrivialWSGI:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts: dict[tuple[Any, ...], int] = {}
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        seen: list[str] = []
+
+        def record_status(status: str, headers: Any, exc_info: Any = None) -> Any:
+            seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        return _Closing(self, self.app(environ, record_status), seen, environ)
+
+
+class _Closing:
+    __slots__ = ("environ", "iterable", "observer", "seen")
+
+    def __init__(self, observer: TrivialWSGI, iterable: Any, seen: list[str], environ: Any):
+        self.observer, self.iterable, self.seen, self.environ = observer, iterable, seen, environ
+
+    def __iter__(self) -> Any:
+        return iter(self.iterable)
+
+    def close(self) -> None:
+        close = getattr(self.iterable, "close", None)
+        if close is not None:
+            close()
+        key = (self.environ.get("PATH_INFO"), self.seen[0] if self.seen else None)
+        counts = self.observer.counts
+        counts[key] = counts.get(key, 0) + 1
+
+
+class NoFinishASGI(ASGIMiddleware):
+    def finish(self, scope: Any, status: int, entry: Any, root_path: str, tag: Any = None) -> None:
+        self.monitor.enqueue(CONSTANT)
+
+
+class NoFinishWSGI(WSGIMiddleware):
+    def finish(self, environ: Any, status: Any, entry: Any, tag: Any = None) -> None:
+        self.monitor.enqueue(CONSTANT)
+
+
+def _anonymous(_request: Any) -> tuple[str, None]:
+    return "anonymous", None
+
+
+def variants(app_name: str) -> dict[str, Any]:
+    asgi = app_name == "starlette"
+    make = bench.make_starlette_app if asgi else (lambda: bench.make_flask_app().wsgi_app)
+    no_classify = memwatch.wrap(make())
+    no_classify._classify = _anonymous
+    return {
+        "bare": make(),
+        "trivial": (TrivialASGI if asgi else TrivialWSGI)(make()),
+        "memwatch": memwatch.wrap(make()),
+        "no-finish": (NoFinishASGI if asgi else NoFinishWSGI)(make()),
+        "no-classify": no_classify,
+        "no-pairs": memwatch.wrap(make(), request_sample_rate=0.0),
+        "sparse-samples": memwatch.wrap(
+            make(), request_sample_rate=0.0, sample_every_requests=1000
+        ),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", choices=("flask", "starlette"), default="starlette")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    logging.getLogger("memwatch").setLevel(logging.ERROR)
+    loop = asyncio.new_event_loop()
+    apps = variants(args.app)
+    drivers: dict[str, Any] = {
+        name: bench.ASGIDriver(app, loop) if args.app == "starlette" else bench.WSGIDriver(app)
+        for name, app in apps.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in drivers}
+    rng = random.Random(args.seed)
+    start = 0
+    for n in range(args.rounds):
+        order = list(drivers)
+        rng.shuffle(order)
+        for name in order:
+            specs = bench.request_specs(args.requests, start)
+            start += args.requests
+            cpu = drivers[name].measure(specs, time.thread_time)
+            times[name].append(cpu / args.requests * 1e6)
+        print(f"round {n + 1}/{args.rounds}", file=sys.stderr)
+    bare = times["bare"]
+    print(f"| {args.app} variant | µs per request (median) | added µs (median of rounds) |")
+    print("|---|---:|---:|")
+    for name, values in times.items():
+        added = statistics.median(v - b for v, b in zip(values, bare, strict=True))
+        print(f"| {name} | {statistics.median(values):.2f} | {added:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
