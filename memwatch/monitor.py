@@ -1,9 +1,13 @@
 """The per-process state: request counters, sampled readings, distinct-credential sketches.
 
-Both middlewares feed one :class:`Monitor`. Its per-request path does plain work only: a dict
-increment under a lock, a random draw, and, for a request that carries a credential, a keyed hash
-folded into a fixed-size sketch. Anything whose cost grows with the heap (the heap-block count)
-runs on a sample of requests, at a rate derived from its measured cost.
+Both middlewares feed one :class:`Monitor`. Its per-request path does plain work only: the
+request is numbered at entry (``next()`` on a counter, one comparison with the number at which
+anything else is due), and at its end one tuple of its labels (and, when it carries a
+credential, a keyed hash of it) is appended to a queue. The queue is folded into the counters
+and the fixed-size sketches in batches, at the entry of the request a drain is due at, and
+before every sample, scrape and report, so counts are exact whenever they are read. Anything
+whose cost grows with the heap (the heap-block count) runs on a sample of requests, at a rate
+derived from its measured cost.
 """
 
 from __future__ import annotations
