@@ -13,6 +13,7 @@ process's memory cheaply, and serves Prometheus metrics at ``/metrics`` and a re
 from __future__ import annotations
 
 import inspect
+import sys
 import typing as t
 
 from memwatch.asgi import ASGIMiddleware
@@ -41,8 +42,6 @@ def detect_protocol(app: object) -> t.Literal["wsgi", "asgi"]:
     of required positional parameters decides: two (environ, start_response) is WSGI, three (scope,
     receive, send) is ASGI. Anything else is ambiguous: pass ``protocol=`` explicitly.
     """
-    from asgiref.sync import iscoroutinefunction
-
     call = getattr(app, "__call__", None)  # noqa: B004 - we want the method, not callable()
     if call is None:
         raise ConfigError(f"memwatch.wrap() needs a WSGI or ASGI callable, got {app!r}")
@@ -54,7 +53,7 @@ def detect_protocol(app: object) -> t.Literal["wsgi", "asgi"]:
             "asgiref.compatibility.guarantee_single_callable(app); for anything else pass "
             "protocol='wsgi' or protocol='asgi'"
         )
-    if iscoroutinefunction(app) or iscoroutinefunction(call):
+    if _iscoroutinefunction(app) or _iscoroutinefunction(call):
         return "asgi"
     try:
         # Required parameters only: a WSGI app with an optional third parameter is still WSGI.
@@ -73,6 +72,21 @@ def detect_protocol(app: object) -> t.Literal["wsgi", "asgi"]:
         f"cannot tell whether {app!r} is a WSGI or an ASGI application; "
         "pass protocol='wsgi' or protocol='asgi' (or set MEMWATCH_PROTOCOL)"
     )
+
+
+def _iscoroutinefunction(func: object) -> bool:
+    """``asgiref.sync.iscoroutinefunction`` without importing asgiref and asyncio (about 1.7 MB
+    that a WSGI process would otherwise hold for one test at start-up).
+
+    asgiref's test is ``inspect.iscoroutinefunction`` on Python 3.12 and later (which sees
+    ``inspect.markcoroutinefunction``'s marker), and ``asyncio.iscoroutinefunction`` before: the
+    same, or the function carries ``asyncio.coroutines._is_coroutine`` (which asgiref's and
+    asyncio's own markers set). No object can carry that marker before asyncio is loaded.
+    """
+    if inspect.iscoroutinefunction(func):
+        return True
+    marker = getattr(sys.modules.get("asyncio.coroutines"), "_is_coroutine", None)
+    return marker is not None and getattr(func, "_is_coroutine", None) is marker
 
 
 def diagnose(reason: str = "on demand") -> int:

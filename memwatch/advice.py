@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from memwatch.diagnosis import DiagnosisResult
-from memwatch.holders import APP, LIBRARY, STDLIB, Evidence, Holder
 
 if TYPE_CHECKING:
+    # memwatch.holders (the holder search) is imported by the diagnosis window that finds
+    # holders; advice about a holder runs only after that, so it imports it then (cached).
+    from memwatch.holders import Evidence, Holder
     from memwatch.monitor import Snapshot
 
 RouteKey = tuple[str, str, str]
@@ -201,6 +203,8 @@ def _types(names: Sequence[str]) -> str:
 
 
 def _owner_phrase(ev: Evidence) -> str:
+    from memwatch.holders import APP, LIBRARY, STDLIB
+
     if ev.owner == APP:
         return f"in the app's module {ev.module}" if ev.module else "in the app"
     if ev.owner in (LIBRARY, STDLIB):
@@ -244,6 +248,8 @@ def _rates(holder: Holder, result: DiagnosisResult | None, ctx: Context) -> _Rat
 
 
 def _facts(holder: Holder, rates: _Rates, ctx: Context) -> list[str]:
+    from memwatch.holders import Evidence
+
     ev = holder.evidence or Evidence()
     owner = _owner_phrase(ev)
     facts = []
@@ -310,6 +316,8 @@ def _confidence(holder: Holder, rates: _Rates, ctx: Context, *, strong: bool) ->
 
 def advise_holder(holder: Holder, result: DiagnosisResult | None, ctx: Context) -> Advice:
     """Advice for one holder, from the shape of its evidence (docs/advice.md has the list)."""
+    from memwatch.holders import LIBRARY, STDLIB, Evidence
+
     ev = holder.evidence or Evidence()
     path = holder.path
     rates = _rates(holder, result, ctx)

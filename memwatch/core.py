@@ -7,17 +7,23 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from memwatch import html, multiprocess
+from memwatch import multiprocess
 from memwatch.config import Config
 from memwatch.endpoints import Endpoints
 from memwatch.exporter import MemwatchCollector, render_metrics
 from memwatch.monitor import LeakCallback, Monitor
 from memwatch.multiprocess import Publisher
-from memwatch.report import Leak, Report, build_report, leak_of, to_json
 from memwatch.signals import Signals
+
+if TYPE_CHECKING:
+    # The report model and its renderers (memwatch.report, memwatch.html, and the advice they
+    # use) are imported by the first report request or verdict, not at start-up: a process
+    # that is never asked for its report does not hold their code.
+    from memwatch.report import Leak, Report
 
 logger = logging.getLogger("memwatch")
 
@@ -64,8 +70,8 @@ class Memwatch:
         self.endpoints = Endpoints(
             config,
             metrics=self.render_metrics,
-            report_json=lambda: to_json(self.report()),
-            report_html=lambda: html.render(self.report()).encode("utf-8"),
+            report_json=self._report_json,
+            report_html=self._report_html,
             diagnose=self._diagnose_endpoint,
         )
 
@@ -80,10 +86,24 @@ class Memwatch:
 
     def verdict(self) -> Leak:
         """The current leak verdict, as the report's ``leak`` section."""
+        from memwatch.report import leak_of
+
         return leak_of(self.monitor.snapshot())
 
     def report(self) -> Report:
+        from memwatch.report import build_report
+
         return build_report(self.monitor.snapshot(), now=time.time())
+
+    def _report_json(self) -> bytes:
+        from memwatch.report import to_json
+
+        return to_json(self.report())
+
+    def _report_html(self) -> bytes:
+        from memwatch import html
+
+        return html.render(self.report()).encode("utf-8")
 
     def publisher(self) -> Publisher | None:
         """This worker's multiprocess publisher, when PROMETHEUS_MULTIPROC_DIR is set."""

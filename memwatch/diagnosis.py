@@ -36,18 +36,14 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memwatch.config import Config
-from memwatch.holders import (
-    Census,
-    Holder,
-    backref_holders,
-    describe_all,
-    extension_modules,
-    grown,
-    take_census,
-)
+
+if TYPE_CHECKING:
+    # The holder search (memwatch.holders) is imported by the first window that needs it: a
+    # process that never opens a window does not hold its code.
+    from memwatch.holders import Census, Holder
 
 RouteKey = tuple[str, str, str]
 
@@ -286,6 +282,8 @@ class Window:
     def prepare(self) -> None:
         """Census, type counts, tracing and the first snapshot (on the diagnosis thread); then
         requests are tagged."""
+        from memwatch.holders import take_census
+
         # The census and type counts first: they run much faster before tracing starts.
         self.census = take_census()
         self.typestats = _typestats()
@@ -390,6 +388,8 @@ class Window:
             self._analyse(after, result)
             del after
             result.route_requests = dict(self.half_counts[0] + self.half_counts[1])
+            from memwatch.holders import extension_modules
+
             result.extension_modules = extension_modules()
             self._find_holders(result)
         finally:
@@ -400,6 +400,8 @@ class Window:
 
     def _find_holders(self, result: DiagnosisResult) -> None:
         """Census differences first; back-reference chains from the top sites otherwise."""
+        from memwatch.holders import backref_holders, describe_all, grown, take_census
+
         after = take_census(keep=True)
         before = self.census or after
         minimum = max(10, self.tagged_requests // 20)

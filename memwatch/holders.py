@@ -24,7 +24,6 @@ application's module or a library's). :mod:`memwatch.advice` turns that into adv
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import gc
 import importlib.machinery
@@ -392,12 +391,18 @@ def _type_name(value: Any) -> str:
     return f"{module}.{name}"
 
 
+def _future_type() -> Any:
+    """``asyncio.Future`` once asyncio is loaded; before that no object can be one, and the
+    holder search does not import asyncio (about 1.5 MB) into a process that never did."""
+    return getattr(sys.modules.get("asyncio"), "Future", ())
+
+
 def _role(value: Any) -> str | None:
     """What an entry is, where it matters for the fix (isinstance checks only: no attribute of
     the value is read, so no property or proxy runs)."""
     if isinstance(value, logging.Handler):
         return "logging handler"
-    if isinstance(value, asyncio.Future):
+    if isinstance(value, _future_type()):
         return "asyncio task"
     if isinstance(value, BaseException):
         return "exception"
@@ -560,10 +565,11 @@ def describe(
     lengths = sorted(len(t) for t in texts)
     large = 0
     done = 0
+    future = _future_type()
     for value in values or [keys[i] for i in shaped]:
         if isinstance(value, bytes | bytearray | str) and sys.getsizeof(value) >= LARGE_BYTES:
             large += 1
-        if isinstance(value, asyncio.Future) and value.done():
+        if isinstance(value, future) and value.done():
             done += 1
     evidence = Evidence(
         owner=owner,

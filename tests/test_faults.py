@@ -29,7 +29,7 @@ import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 
-from memwatch import ASGIMiddleware, WSGIMiddleware, diagnosis, holders
+from memwatch import ASGIMiddleware, WSGIMiddleware, holders
 from memwatch.config import Config
 from memwatch.core import Memwatch
 from memwatch.monitor import Monitor, Snapshot
@@ -375,7 +375,7 @@ def test_a_failing_window_leaves_the_users_tracing_on(
             raise RuntimeError(f"census failed near {CANARY}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(diagnosis, "take_census", census)
+    monkeypatch.setattr(holders, "take_census", census)  # diagnosis imports it per window
     app = wsgi_app(diagnosis_requests=4)
     assert app.monitor.start_diagnosis("test", force=True)
     # WHEN traffic drives the window to its end
@@ -393,12 +393,13 @@ def test_a_failing_window_leaves_the_users_tracing_on(
 def test_a_holder_search_out_of_time_says_partial_and_the_window_finishes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # GIVEN a holder search (census and back-reference chains) with no time at all
+    # GIVEN a holder search (census and back-reference chains) with no time at all (the
+    # diagnosis window looks them up in memwatch.holders when it runs)
     monkeypatch.setattr(
-        diagnosis, "take_census", functools.partial(holders.take_census, budget_seconds=0.0)
+        holders, "take_census", functools.partial(holders.take_census, budget_seconds=0.0)
     )
     monkeypatch.setattr(
-        diagnosis, "backref_holders", functools.partial(holders.backref_holders, budget_seconds=0.0)
+        holders, "backref_holders", functools.partial(holders.backref_holders, budget_seconds=0.0)
     )
     was_tracing = tracemalloc.is_tracing()
     app = wsgi_app(diagnosis_requests=4)

@@ -189,3 +189,88 @@ def test_public_names() -> None:
     for name in ("wrap", "WSGIMiddleware", "ASGIMiddleware", "Config", "ConfigError"):
         assert name in memwatch.__all__
         assert hasattr(memwatch, name)
+
+
+def _marked_two_parameter_function() -> Any:
+    from asgiref.sync import markcoroutinefunction
+
+    def handler(scope: Any, receive: Any) -> Any:  # pragma: no cover - never called
+        return None
+
+    return markcoroutinefunction(handler)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: wsgi_function,
+        lambda: asgi_function,
+        WSGIObject,
+        ASGIObject,
+        SyncASGIObject,
+        lambda: functools.partial(asgi_function),
+        _marked_two_parameter_function,
+        lambda: django_app.asgi_handler(),
+        lambda: starlette_app.create_app(),
+    ],
+)
+def test_coroutine_test_agrees_with_asgiref(factory: Any) -> None:
+    # detect_protocol no longer imports asgiref (and asyncio) for its one test: it must give
+    # asgiref's answer on the callable and on its __call__, markers included
+    from asgiref.sync import iscoroutinefunction
+
+    app = factory()
+    for candidate in (app, getattr(app, "__call__", None)):  # noqa: B004
+        assert memwatch._iscoroutinefunction(candidate) == iscoroutinefunction(candidate)
+
+
+def test_a_marked_coroutine_function_is_asgi() -> None:
+    assert detect_protocol(_marked_two_parameter_function()) == "asgi"
+
+
+_LAZY_PROBE = """
+import json, sys
+import memwatch
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+def call(wrapped, path, method="GET"):
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "",
+               "REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "wsgi.input": None, "wsgi.url_scheme": "http"}
+    status = []
+    body = b"".join(wrapped(environ, lambda s, h, e=None: status.append(s)))
+    return status[0], body
+
+wrapped = memwatch.wrap(app, log_startup=False)
+for _ in range(50):
+    call(wrapped, "/hello")
+call(wrapped, "/metrics")
+loaded = {"start": sorted(m for m in sys.modules if m.split(".")[0] in
+                          ("memwatch", "asyncio", "asgiref"))}
+status, _ = call(wrapped, "/memwatch/report.json")
+loaded["report_status"] = status
+loaded["after_report"] = sorted(m for m in sys.modules if m.startswith("memwatch"))
+print(json.dumps(loaded))
+"""
+
+
+def test_report_renderers_and_holder_search_are_imported_on_first_use() -> None:
+    # GIVEN a fresh interpreter that wraps a WSGI app, serves requests and one scrape
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _LAZY_PROBE], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(out.stdout)
+    # THEN the report model, its renderers, the holder search, asyncio and asgiref are not
+    # loaded (memwatch's own memory: docs/performance.md)
+    for name in ("memwatch.report", "memwatch.html", "memwatch.holders", "asyncio", "asgiref"):
+        assert name not in loaded["start"]
+    # AND the first report request imports what it needs and answers
+    assert loaded["report_status"].startswith("200")
+    assert {"memwatch.report", "memwatch.advice"} <= set(loaded["after_report"])
