@@ -11,7 +11,9 @@ Real apps: the in-process harness's Flask and Starlette JSON endpoints and its r
 2. **Duty cycle.** Requests run without pause for ``--duty-seconds`` against an app wrapped with
    ``diagnosis="always"`` (windows back to back, as far as ``diagnosis_duty_cycle`` allows: 5 % by
    default, and 2 % as configured cap), and with ``memwatch.diagnose()`` called again as soon as
-   a window ends (on-demand windows are not capped). The duty cycle is the fraction of wall time
+   a window ends: refused during the pause after a window, like automatic windows (the first
+   on-demand window always opens), and with ``force=True``, which bypasses the pause (not
+   capped). The duty cycle is the fraction of wall time
    during which tracemalloc traced; a run shorter than about 20 window lengths over-states it
    (it starts with a window), so the pause memwatch imposes after each window is read too
    (window / (window + pause), the steady-state duty cycle).
@@ -81,7 +83,8 @@ def inside_window(
         rows["bare"].append(bare.measure(batch, timer) / args.requests * 1e6)
         rows["wrapped"].append(wrapped.measure(batch, timer) / args.requests * 1e6)
         process0, thread0, wall0 = time.process_time(), 0.0, time.monotonic()
-        if not mw.memwatch.diagnose("benchmark"):
+        # force: back-to-back windows on purpose (the pause after each would refuse them)
+        if not mw.memwatch.diagnose("benchmark", force=True):
             raise RuntimeError("memwatch.diagnose() did not open a window")
         assert tracemalloc.is_tracing()
         # Within the window's first half (diagnosis_requests / 2 requests by default).
@@ -118,6 +121,7 @@ def duty_cycle(
     seconds: float,
     loop: asyncio.AbstractEventLoop,
     on_demand: bool = False,
+    force: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Requests without pause for ``seconds``; the share of wall time spent tracing."""
@@ -139,7 +143,7 @@ def duty_cycle(
             enforced.append(length / (length + pause) if length + pause > 0 else 0.0)
         open_before = is_open
         if on_demand and mw.monitor.diagnosis.window is None:
-            mw.memwatch.diagnose("benchmark, again")
+            mw.memwatch.diagnose("benchmark, again", force=force)
         tracing = tracemalloc.is_tracing()
         w0 = time.monotonic()
         cpu = wrapped.measure(bench.request_specs(64, start), timer)
@@ -235,6 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.duty_seconds / 2,
                     loop,
                     on_demand=True,
+                )
+            )
+            duties.append(
+                duty_cycle(
+                    app_name,
+                    "diagnose(force=True) again and again",
+                    args.duty_seconds / 2,
+                    loop,
+                    on_demand=True,
+                    force=True,
                 )
             )
     finally:

@@ -18,7 +18,7 @@ import typing as t
 
 from memwatch.asgi import ASGIMiddleware
 from memwatch.config import Config, ConfigError
-from memwatch.core import Memwatch
+from memwatch.core import Memwatch, open_window
 from memwatch.wsgi import WSGIMiddleware
 
 __version__ = "0.1.0"
@@ -89,15 +89,19 @@ def _iscoroutinefunction(func: object) -> bool:
     return marker is not None and getattr(func, "_is_coroutine", None) is marker
 
 
-def diagnose(reason: str = "on demand") -> int:
+def diagnose(reason: str = "on demand", *, force: bool = False) -> int:
     """Opens a diagnosis window in every memwatch instance of this process.
 
-    Returns how many windows were opened (an instance already in a window is left alone). The
-    results appear in the report (``sites``, route attribution) once the window has finished.
+    Returns how many windows were opened. An instance already in a window is left alone, and
+    so is one whose duty-cycle pause after a previous window is still running (an INFO log line
+    says for how long): on-demand windows keep to ``diagnosis_duty_cycle`` too, except an
+    instance's first one, which always opens. ``force=True`` opens a window in spite of the
+    pause. The results appear in the report (``sites``, route attribution) once the window has
+    finished.
     """
     from memwatch.monitor import all_monitors
 
-    return sum(1 for monitor in all_monitors() if monitor.start_diagnosis(reason, force=True))
+    return sum(1 for monitor in all_monitors() if open_window(monitor, reason, force=force)[0])
 
 
 def wrap(

@@ -110,16 +110,42 @@ def _base(url: str) -> str:
     return url
 
 
-def _diagnose(url: str, token: str | None, timeout: float) -> int:
+def _refused(exc: urllib.error.HTTPError) -> str:
+    """The message for a 429 from POST /memwatch/diagnose (the duty-cycle pause)."""
+    try:
+        answer = json.loads(exc.read() or b"{}")
+    except ValueError:
+        answer = {}
+    seconds = answer.get("retry_after_seconds") or exc.headers.get("Retry-After") or "?"
+    when = f" (at {answer['not_before']})" if answer.get("not_before") else ""
+    return (
+        "memwatch: the service refused a new diagnosis window: memwatch's duty-cycle pause "
+        f"after the last window lasts {seconds} s more{when}. Try again then, or pass --force "
+        "to open one anyway (inside a window requests cost many times their usual CPU)."
+    )
+
+
+def _diagnose(url: str, token: str | None, timeout: float, force: bool = False) -> int:
     """POSTs to /memwatch/diagnose, then polls the report until the window has finished."""
     base = _base(url)
     try:
         before = (fetch_report(base, token).get("diagnosis") or {}).get("windows", 0)
-        request = urllib.request.Request(base + "/memwatch/diagnose", data=b"", method="POST")
+        target = base + "/memwatch/diagnose" + ("?force=1" if force else "")
+        request = urllib.request.Request(target, data=b"", method="POST")
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(request, timeout=10) as response:
             answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 429:
+            print(_refused(exc), file=sys.stderr)
+            return 1
+        hint = " (from a non-loopback address, pass --token)" if exc.code == 404 else ""
+        print(
+            f"memwatch: cannot start a diagnosis window at {base}: HTTP {exc.code}{hint}",
+            file=sys.stderr,
+        )
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"memwatch: cannot start a diagnosis window at {base}: {exc}", file=sys.stderr)
         return 1
@@ -159,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     diag.add_argument("url", help="base URL of the service, e.g. http://127.0.0.1:8000")
     diag.add_argument("--token", help="report token (needed from non-loopback addresses)")
     diag.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
+    diag.add_argument(
+        "--force",
+        action="store_true",
+        help="open a window even while memwatch's duty-cycle pause after the last one runs",
+    )
     sub.add_parser("demo", help="run the demo service (same as make demo)")
     run = sub.add_parser(
         "run",
@@ -186,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, indent=1) if args.json else format_report(report))
         return 0
     if args.command == "diagnose":
-        return _diagnose(args.url, args.token, args.timeout)
+        return _diagnose(args.url, args.token, args.timeout, args.force)
     if args.command == "demo":
         from memwatch.demo import main as demo_main
 

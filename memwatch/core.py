@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -29,6 +30,28 @@ logger = logging.getLogger("memwatch")
 
 # After the multiprocess directory failed, the seconds before a worker tries it again.
 PUBLISHER_RETRY_SECONDS = 30.0
+
+
+def open_window(monitor: Monitor, reason: str, *, force: bool = False) -> tuple[bool, float]:
+    """Opens an on-demand diagnosis window in one monitor; returns (opened, seconds to wait).
+
+    ``(False, seconds)`` with seconds > 0: refused, because the duty-cycle pause after a
+    previous window is still running (the monitor's first on-demand window is never refused);
+    ``force=True`` opens it anyway. ``(False, 0.0)``: a window is already running (or could not
+    start: an internal error, counted).
+    """
+    if not force:
+        wait = monitor.diagnosis.on_demand_wait()
+        if wait > 0.0:
+            logger.info(
+                "memwatch: on-demand diagnosis window refused (%s): the duty-cycle pause after "
+                "the last window runs %.0f s more; force=True (POST ...diagnose?force=1, "
+                "memwatch diagnose --force) opens one anyway",
+                reason,
+                wait,
+            )
+            return False, wait
+    return monitor.start_diagnosis(reason, force=True), 0.0
 
 
 class Memwatch:
@@ -75,14 +98,32 @@ class Memwatch:
             diagnose=self._diagnose_endpoint,
         )
 
-    def diagnose(self, reason: str = "on demand") -> bool:
-        """Opens a diagnosis window now; False if one is already running."""
-        return self.monitor.start_diagnosis(reason, force=True)
+    def diagnose(self, reason: str = "on demand", *, force: bool = False) -> bool:
+        """Opens a diagnosis window now; False if one is already running, or if the duty-cycle
+        pause after a previous window is still running (see :meth:`diagnosis_wait`; the first
+        on-demand window is never refused) and ``force`` is not set."""
+        return open_window(self.monitor, reason, force=force)[0]
 
-    def _diagnose_endpoint(self) -> bytes:
-        started = self.diagnose("requested over HTTP")
+    def diagnosis_wait(self) -> float:
+        """Seconds before :meth:`diagnose` would open a window without ``force`` (0.0: now)."""
+        return self.monitor.diagnosis.on_demand_wait()
+
+    def _diagnose_endpoint(self, force: bool) -> tuple[bytes, float | None]:
+        started, wait = open_window(self.monitor, "requested over HTTP", force=force)
+        if wait > 0.0:
+            seconds = math.ceil(wait)
+            body = {
+                "started": False,
+                "active": False,
+                "refused": "duty-cycle pause after the last window; ?force=1 overrides",
+                "retry_after_seconds": seconds,
+                "not_before": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds)
+                ),
+            }
+            return json.dumps(body).encode(), float(seconds)
         active = self.monitor.diagnosis.window is not None
-        return json.dumps({"started": started, "active": active}).encode()
+        return json.dumps({"started": started, "active": active}).encode(), None
 
     def verdict(self) -> Leak:
         """The current leak verdict, as the report's ``leak`` section."""

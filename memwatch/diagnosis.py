@@ -20,7 +20,10 @@ when the detector suspects a leak (mode ``triggered``), on demand (:func:`memwat
    frames, the bytes retained per request by each route.
 
 The wall-time duty cycle is capped (``diagnosis_duty_cycle``, default 5 %): after a window of
-length d the next one waits at least d / duty_cycle - d.
+length d the next one waits at least d / duty_cycle - d. On-demand windows (``force=True`` here:
+:func:`memwatch.diagnose`, ``POST /memwatch/diagnose``) skip that wait, but their callers ask
+:meth:`Diagnosis.on_demand_wait` first: the first on-demand window of an instance always opens,
+a later one only once the pause after the last window is over, unless its caller forces it.
 """
 
 from __future__ import annotations
@@ -641,6 +644,7 @@ class Diagnosis:
         self.window: Window | None = None
         self.last: DiagnosisResult | None = None
         self.windows = 0
+        self.on_demand_windows = 0  # windows opened with force=True (on demand)
         self.busy_seconds = 0.0
         self._not_before = 0.0
         self._lock = threading.RLock()
@@ -650,6 +654,14 @@ class Diagnosis:
     def can_start(self) -> bool:
         return self.window is None and time.monotonic() >= self._not_before
 
+    def on_demand_wait(self) -> float:
+        """Seconds an on-demand window must still wait for the duty-cycle pause after the last
+        window (0.0: it may open now). The first on-demand window of this instance never waits;
+        nor does a request while a window runs (it is answered "already running")."""
+        if self.on_demand_windows == 0 or self.window is not None:
+            return 0.0
+        return max(self._not_before - time.monotonic(), 0.0)
+
     def start(self, reason: str, requests: int, *, force: bool = False) -> bool:
         if self.config.diagnosis == "off" and not force:
             return False
@@ -657,6 +669,8 @@ class Diagnosis:
             if self.window is not None or (not force and time.monotonic() < self._not_before):
                 return False
             window = self.window = Window(self.config, reason, requests)
+            if force:
+                self.on_demand_windows += 1
         if force:
             # Asked for (memwatch.diagnose(), POST /memwatch/diagnose): prepared before
             # returning, so that the next request is already traced.

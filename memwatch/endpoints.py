@@ -6,7 +6,10 @@
   JSON and as an HTML page. Loopback clients need no token; anyone else needs ``token``
   (``Authorization: Bearer``); otherwise 404, so that the endpoints do not advertise themselves.
 - ``POST <report_path>diagnose``: opens a diagnosis window now, with the report's access rules;
-  answers 202 and ``{"started": ..., "active": ...}``.
+  answers 202 and ``{"started": ..., "active": ...}``. While the duty-cycle pause after a
+  previous window is still running (never for the first on-demand window) it answers 429 with
+  ``Retry-After`` (seconds) and ``{"started": false, ..., "retry_after_seconds": ...,
+  "not_before": ...}``, unless the query string says ``force=1`` (or ``true``, ``yes``, ``on``).
 
 A request that came through a proxy (``X-Forwarded-For``, ``Forwarded`` or ``X-Real-IP``) is not
 a loopback request unless it came from one of ``trusted_proxies`` and the forwarded client is on
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from memwatch.config import Config
 
@@ -36,6 +41,7 @@ class EndpointRequest:
     client: str | None  # peer address as the server saw it
     authorization: str | None
     forwarded_for: str | None  # X-Forwarded-For / Forwarded / X-Real-IP, whichever came
+    query: str = ""  # the raw query string (QUERY_STRING, the ASGI scope's query_string)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ _REASONS = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    429: "Too Many Requests",
     500: "Internal Server Error",
 }
 
@@ -84,6 +91,8 @@ class Endpoints:
     :param metrics: Renders the Prometheus exposition; returns (content type, body).
     :param report_json: Renders the report as JSON bytes.
     :param report_html: Renders the report page as HTML bytes.
+    :param diagnose: Opens a diagnosis window (its argument: the request forces it); returns the
+        JSON body and, when the window was refused for the duty cycle, the seconds to wait.
     """
 
     def __init__(
@@ -93,13 +102,13 @@ class Endpoints:
         metrics: Callable[[str | None], tuple[str, bytes]],
         report_json: Callable[[], bytes],
         report_html: Callable[[], bytes],
-        diagnose: Callable[[], bytes] | None = None,
+        diagnose: Callable[[bool], tuple[bytes, float | None]] | None = None,
     ) -> None:
         self.config = config
         self._metrics = metrics
         self._report_json = report_json
         self._report_html = report_html
-        self._diagnose = diagnose or (lambda: b'{"started": false}')
+        self._diagnose = diagnose or _no_diagnosis
         self.diagnose_path = config.report_path + "diagnose"
         self.metrics_path = config.metrics_path or None
         self.report_path = config.report_path
@@ -126,7 +135,16 @@ class Endpoints:
                 return NOT_FOUND
             if request.method != "POST":
                 return _text(405, "Method Not Allowed", [("Allow", "POST")])
-            return _bytes(202, "application/json", self._diagnose(), request.method)
+            body, retry_after = self._diagnose(_forced(request.query))
+            if retry_after is not None:
+                headers = [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                    _NO_STORE,
+                    ("Retry-After", str(max(math.ceil(retry_after), 1))),
+                ]
+                return EndpointResponse(429, headers, body)
+            return _bytes(202, "application/json", body, request.method)
         if path not in (self.report_path, self.report_json_path, self.report_path + "index.html"):
             return NOT_FOUND
         if not self.report_allowed(request):
@@ -178,6 +196,20 @@ class Endpoints:
 
     def _is_trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self._trusted)
+
+
+def _no_diagnosis(force: bool) -> tuple[bytes, float | None]:
+    return b'{"started": false}', None
+
+
+def _forced(query: str) -> bool:
+    """``force=1`` (or ``true``, ``yes``, ``on``) in a query string."""
+    if "force" not in query:
+        return False
+    return any(
+        name == "force" and value.strip().lower() in ("1", "true", "yes", "on")
+        for name, value in parse_qsl(query, keep_blank_values=True)
+    )
 
 
 def _bytes(status: int, content_type: str, body: bytes, method: str) -> EndpointResponse:
