@@ -20,7 +20,7 @@ Real apps: the in-process harness's Flask and Starlette JSON endpoints and its r
 
 Usage::
 
-    .venv/bin/python benchmarks/diagnosis_cost.py                 # ~7 minutes
+    .venv/bin/python benchmarks/diagnosis_cost.py                 # ~8 minutes
     .venv/bin/python benchmarks/diagnosis_cost.py --apps starlette --duty-seconds 30
 """
 
