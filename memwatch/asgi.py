@@ -188,6 +188,7 @@ class ASGIMiddleware:
                 client=client[0] if client else None,
                 authorization=authorization,
                 forwarded_for=forwarded,
+                query=bytes(scope.get("query_string") or b"").decode("latin-1"),
             )
             return self._endpoints.respond(request, accept)
         except Exception as exc:

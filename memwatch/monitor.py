@@ -24,7 +24,6 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from memwatch.advice import UNDIAGNOSED, leak_advice
 from memwatch.attribution import (
     CHANNELS,
     Pair,
@@ -738,6 +737,8 @@ class Monitor:
     def _transition(self, verdict: Verdict) -> None:
         """One WARNING when a leak is first suspected, one when it clears; then the callbacks."""
         if verdict.suspected:
+            from memwatch.advice import UNDIAGNOSED, leak_advice  # on first use: saves memory
+
             suspects = [e for e in self.route_estimates if e.suspected]
             where = ", ".join(f"{e.key[1]} {e.key[0]} auth={e.key[2]}" for e in suspects[:5])
             advice = leak_advice(self.snapshot())

@@ -118,6 +118,7 @@ class EnvironRecorder:
                 client=environ.get("REMOTE_ADDR"),
                 authorization=environ.get("HTTP_AUTHORIZATION"),
                 forwarded_for=forwarded,
+                query=environ.get("QUERY_STRING") or "",
             )
             return self._endpoints.respond(request, environ.get("HTTP_ACCEPT"))
         except Exception as exc:

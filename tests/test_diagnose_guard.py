@@ -194,10 +194,6 @@ def test_the_endpoint_answers_429_with_retry_after_during_the_pause() -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("not_tracing")
-@pytest.mark.xfail(
-    strict=True,
-    reason="memwatch/wsgi.py does not pass QUERY_STRING to EndpointRequest(query=...) yet",
-)
 def test_force_through_the_wsgi_middleware() -> None:
     app = wrapped()
     assert app.memwatch.diagnose("first")
@@ -255,10 +251,6 @@ def test_the_cli_says_clearly_when_the_service_refuses(
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("not_tracing")
-@pytest.mark.xfail(
-    strict=True,
-    reason="memwatch/wsgi.py does not pass QUERY_STRING to EndpointRequest(query=...) yet",
-)
 def test_the_cli_force_flag_opens_a_window_during_the_pause(
     served: tuple[WSGIMiddleware, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
