@@ -42,8 +42,15 @@ MIN_POINTS = 16  # envelope points needed before any verdict (the plateau test n
 MAX_PAIRS = 1000  # pairwise slopes per Theil-Sen fit: bounds an evaluation to about a millisecond
 # Bytes the suspected growth should add between the two readings of a collect check.
 CHECK_BYTES = 32_768
-# Share of the trend's growth rate that a collect check must find retained.
-RETAINED_SHARE = 0.75
+# Requests in flight a collect check allows for (its span grows with them: each holds its own
+# objects at a reading, so the readings of a server with many in flight move further).
+MAX_CONCURRENCY = 16
+# Share of the trend's growth rate that a collect check must find retained. The corpus's leaks
+# keep 70-100 % of it: the trend also holds garbage promoted to the oldest generation, which
+# piles up between full collections on top of the leak.
+RETAINED_SHARE = 0.5
+# The largest object pymalloc serves: a heap block holds at most this many bytes.
+MAX_BLOCK_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -137,10 +144,18 @@ class CollectCheck:
     request; they are timed (``seconds``) so that the caller can keep them out of its own cost
     accounting.
 
+    A reading must not count memwatch's own temporaries: the detector's window of samples
+    alone is a few thousand blocks, and it grows until the window is full, which a reading
+    taken in the middle of an evaluation would take for retained growth (about 10 B/request
+    for the first 20,000 requests under uvicorn). So the monitor builds the check ``deferred``:
+    :meth:`check` then asks for a reading (``wanted``) and the monitor takes it (:meth:`take`)
+    at the start of its next evaluation, before it builds the window.
+
     :param read: the heap-block reading (the monitor's signals seam).
     :param min_requests: fewest requests between the two readings of a check.
     :param collect: the full collection (a seam for tests).
     :param read_malloc: the allocator's bytes in use, or None where unknown.
+    :param deferred: readings are taken by :meth:`take`, not inside :meth:`check`.
     """
 
     def __init__(
@@ -150,8 +165,12 @@ class CollectCheck:
         min_requests: int,
         collect: Callable[[], object] = gc.collect,
         read_malloc: Callable[[], int | None] | None = None,
+        deferred: bool = False,
     ) -> None:
         self._read = read
+        self.deferred = deferred
+        self.wanted = False  # deferred: a reading is wanted before the next evaluation
+        self._fresh: Collected | None = None  # deferred: the reading taken for this evaluation
         self._read_malloc = read_malloc
         self._collect = collect
         self.min_requests = min_requests
@@ -160,6 +179,8 @@ class CollectCheck:
         self.malloc_rate: float | None = None  # allocator bytes per request, likewise
         self.collections = 0
         self.seconds = 0.0  # thread CPU time spent collecting and reading
+        # The most requests seen in flight at once (the owner keeps it, up to MAX_CONCURRENCY).
+        self.concurrency = 1
 
     def reading(self, requests: int) -> Collected:
         start = time.thread_time()
@@ -170,6 +191,26 @@ class CollectCheck:
         finally:
             self.collections += 1
             self.seconds += time.thread_time() - start
+
+    def take(self, requests: int) -> None:
+        """Deferred: takes the wanted reading now, for the evaluation that follows."""
+        self.wanted = False
+        self._fresh = self.reading(requests)
+
+    def discard(self) -> None:
+        """Deferred: drops a reading that the evaluation did not use (it would be stale by the
+        next one)."""
+        self._fresh = None
+
+    def collected(self, requests: int) -> Collected | None:
+        """A collected reading now; deferred, the one taken before this evaluation, or None
+        (and one is wanted before the next)."""
+        if not self.deferred:
+            return self.reading(requests)
+        fresh, self._fresh = self._fresh, None
+        if fresh is None:
+            self.wanted = True
+        return fresh
 
     def check(self, requests: int, block_bytes: float, max_age: int, span: int = 0) -> float | None:
         """Retained heap growth, bytes per request, from the anchor reading to a reading now
@@ -183,11 +224,13 @@ class CollectCheck:
         """
         anchor = self.anchor
         if anchor is None or requests - anchor.requests > max(max_age, span):
-            self.anchor = self.reading(requests)
+            self.anchor = self.collected(requests)
             return None
         if requests - anchor.requests < max(self.min_requests, span):
             return None
-        point = self.reading(requests)
+        point = self.collected(requests)
+        if point is None:
+            return None  # deferred: read before the next evaluation
         self.anchor = point
         elapsed = point.requests - anchor.requests
         self.rate = (point.blocks - anchor.blocks) * block_bytes / elapsed
@@ -278,7 +321,7 @@ class Detector:
         if check is not None and check.anchor is None and window:
             # The first collected reading when the warm-up ends, so that a suspicion arising
             # later finds its check half done (it needs a reading from before the growth).
-            check.anchor = check.reading(window[-1].requests)
+            check.anchor = check.collected(window[-1].requests)
         trends: dict[str, SignalTrend] = {}
         for signal in SIGNALS:
             result = self.trend(window, signal)
@@ -339,12 +382,12 @@ class Detector:
             return suspects, False
         requests = window[-1].requests
         max_age = max(window[-1].requests - window[0].requests, 2 * check.min_requests)
-        # Long enough for the suspected growth to add CHECK_BYTES: the collected readings still
-        # move by a few hundred blocks from one to the next (caches turning over, requests in
-        # flight on other threads).
-        span = max(
-            math.ceil(CHECK_BYTES / max(t.low or 0.0, self.min_rate(t.signal))) for t in suspects
-        )
+        # Long enough for the suspected growth to add CHECK_BYTES per request in flight: the
+        # collected readings still move by a few hundred blocks from one to the next (caches
+        # turning over) and by what each request in flight holds (under uvicorn with eight
+        # connections, FastAPI's readings swing by about 600 blocks, 40 KB).
+        need = CHECK_BYTES * max(1, min(check.concurrency, MAX_CONCURRENCY))
+        span = max(math.ceil(need / max(t.low or 0.0, self.min_rate(t.signal))) for t in suspects)
         rate = check.check(requests, self.config.heap_block_bytes, max_age, span)
         if rate is None:
             return suspects, True
@@ -353,19 +396,20 @@ class Detector:
         kept: list[SignalTrend] = []
         for t in suspects:
             if t.signal == "rss":
-                # pymalloc's arenas come from mmap, not malloc: the Python heap is added.
+                # pymalloc's arenas come from mmap, not malloc: the Python heap is added, at
+                # the most its blocks can hold (the mean block size that converts blocks to
+                # bytes elsewhere undercounts a leak of 300-byte strings by five times).
                 what = "the allocator's bytes in use and the collected heap"
                 if check.malloc_rate is None:
                     kept.append(t)  # nothing to check it against here
                     continue
-                measured = check.malloc_rate + max(rate, 0.0)
+                blocks = max(rate, 0.0) / self.config.heap_block_bytes
+                measured = check.malloc_rate + blocks * MAX_BLOCK_BYTES
             else:
                 measured, what = rate, "the heap after a full collection"
-            # A real leak keeps about what the trend says (the corpus's leaks: 90-100 % of
-            # it); garbage, free lists and a decaying warm-up keep markedly less.
-            if measured >= max(
-                self.min_rate(t.signal), RETAINED_SHARE * (t.bytes_per_request or 0.0)
-            ):
+            # A real leak keeps most of what the trend says; garbage, free lists and a decaying
+            # warm-up keep markedly less.
+            if measured >= RETAINED_SHARE * (t.bytes_per_request or 0.0):
                 kept.append(t)
                 continue
             if t.signal == "rss":

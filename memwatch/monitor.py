@@ -36,7 +36,7 @@ from memwatch.attribution import (
 )
 from memwatch.auth import AUTH_SCHEMES, AuthClassifier
 from memwatch.config import Config
-from memwatch.detector import MIN_POINTS, CollectCheck, Detector, Verdict
+from memwatch.detector import MAX_CONCURRENCY, MIN_POINTS, CollectCheck, Detector, Verdict
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
 from memwatch.routes import OTHER, RouteTable, normalize_path
@@ -227,6 +227,7 @@ class Monitor:
                 self.signals.heap_blocks,
                 min_requests=self.config.collect_check_requests,
                 read_malloc=self.signals.malloc_in_use,
+                deferred=True,
             )
         self.detector = Detector(self.config, check)
         self.diagnosis = Diagnosis(self.config)
@@ -310,6 +311,11 @@ class Monitor:
             return  # another thread is draining
         try:
             self._drain_locked()
+            # Requests entered before this one and not finished: in flight now. The collect
+            # check's readings hold what the requests in flight hold.
+            check = self.detector.collect_check
+            if check is not None and ticket - self.requests > check.concurrency:
+                check.concurrency = min(ticket - self.requests, MAX_CONCURRENCY)
             now = self._clock()
             done = ticket - self._last_drain_ticket
             elapsed = now - self._last_drain_time
@@ -552,6 +558,9 @@ class Monitor:
             return False
         if self.diagnosis.window is not None:
             return False  # tracing moves the heap: judged again after the window
+        check = self.detector.collect_check
+        if check is not None and check.wanted:
+            return True  # the collect check's reading, taken at the start of the evaluation
         needed = MIN_POINTS * cfg.envelope_width
         if self._judged_samples < needed:
             if self.detector.verdict.evaluations:
@@ -577,9 +586,14 @@ class Monitor:
         check = self.detector.collect_check
         collecting = check.seconds if check is not None else 0.0
         try:
+            if check is not None and check.wanted:
+                # Before the window is built: the reading must not count its samples.
+                check.take(self.requests)
             history = self.history.tail(self.config.window_samples)
             before = self.detector.verdict.suspected
             verdict = self.detector.evaluate(history, time.time())
+            if check is not None:
+                check.discard()
             self._update_attribution(history, verdict)
             if verdict.suspected != before:
                 self._transition(verdict)
