@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from memwatch.config import Config
-from memwatch.detector import CollectCheck, Detector, Verdict
+from memwatch.detector import CHECK_BYTES, CollectCheck, Detector, Verdict
 from memwatch.signals import Sample
 
 BLOCK = 64.0  # Config().heap_block_bytes
@@ -259,3 +259,53 @@ def test_collect_check_with_the_real_collector() -> None:
     assert 12 * BLOCK <= rate < 2 * 14 * BLOCK
     assert check.collections == 2 and check.seconds > 0
     del kept
+
+
+def test_deferred_check_reads_only_when_the_owner_takes_the_reading() -> None:
+    # GIVEN a deferred check over a heap that keeps 20 B/request
+    heap = FakeHeap(retained=20.0)
+    heap.requests = 2000
+    check = CollectCheck(heap.blocks, min_requests=1000, collect=heap.collect, deferred=True)
+    # WHEN the detector asks for its anchor, nothing is collected: a reading is wanted
+    assert check.check(2000, BLOCK, max_age=10_000) is None
+    assert check.wanted and heap.collections == 0 and check.anchor is None
+    # AND the owner takes it before the next evaluation, which uses it as the anchor
+    check.take(2000)
+    assert not check.wanted and heap.collections == 1
+    assert check.check(2000, BLOCK, max_age=10_000) is None
+    assert check.anchor is not None and check.anchor.requests == 2000
+    # WHEN the check is due 1,000 requests later, it asks again; with the reading, it answers
+    heap.requests = 3000
+    assert check.check(3000, BLOCK, max_age=10_000) is None and check.wanted
+    check.take(3000)
+    assert check.check(3000, BLOCK, max_age=10_000) == pytest.approx(20.0, abs=0.1)
+    # AND a reading that no evaluation used is dropped, not kept to go stale
+    check.take(3500)
+    check.discard()
+    assert check.collected(3600) is None and check.wanted
+
+
+def test_check_span_grows_with_the_requests_in_flight() -> None:
+    # GIVEN a 40 B/request trend and its check, first with one request in flight at a time
+    spans = {}
+    for concurrency in (1, 8):
+        heap = FakeHeap(retained=40.0)
+        check = CollectCheck(heap.blocks, min_requests=100, collect=heap.collect)
+        check.concurrency = concurrency
+        detector = Detector(Config(), check)
+        samples = series(lambda r: 40.0 * r)
+        first = None
+        for end in range(3, len(samples) + 1, 3):
+            heap.requests = samples[end - 1].requests
+            if heap.requests < Config().warmup_requests:
+                continue
+            if detector.evaluate(samples[:end], 0.0).suspected:
+                first = heap.requests
+                break
+        assert first is not None
+        spans[concurrency] = first
+    # THEN with eight in flight the check waits for eight times the growth (from its anchor at
+    # the end of the warm-up) before it answers: each request in flight holds its objects at a
+    # reading. With one, the trend's own evidence is what the verdict waits for.
+    warmup = Config().warmup_requests
+    assert spans[1] < warmup + 8 * CHECK_BYTES // 40 <= spans[8]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import json
 import logging
@@ -438,3 +439,45 @@ def test_fast_path_counts_are_exact_under_threads() -> None:
     assert snap.requests == 40_000
     assert sum(snap.counts.values()) == 40_000
     assert snap.counts[("/r0", "GET", "bearer", "ok")] == 3 * 5000
+
+
+def test_collect_check_readings_do_not_count_the_detector_s_own_window() -> None:
+    """The collect check's full-collection readings are taken before the detector builds its
+    window of samples: counted, that window (a few thousand blocks, growing until it is full)
+    looked like a leak of about 10 B/request under uvicorn."""
+    from memwatch.signals import Sample
+
+    def live_samples() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is Sample)
+
+    baseline = live_samples()
+    served = [0]
+    full = [gc.get_stats()[2]["collections"]]
+    seen: list[int] = []
+
+    def heap() -> int:
+        # Right after a full collection (the check's reading): how many samples are alive?
+        now = gc.get_stats()[2]["collections"]
+        if now != full[0]:
+            full[0] = now
+            seen.append(live_samples() - baseline)
+        return 50_000 + 40 * served[0]  # a leak the detector suspects and the check confirms
+
+    clock = FakeClock()
+    m = Monitor(
+        Config(warmup_requests=0, sample_every_requests=10, diagnosis="off"),
+        signals=make_signals(heap=heap),
+        clock=clock,
+        rng=random.Random(5),
+    )
+    for _ in range(6000):
+        served[0] += 1
+        clock.advance(0.01)
+        m.request_exit("/me", "GET", "bearer", None, 200, m.request_entry())
+        if m.detector.verdict.suspected:
+            break
+    check = m.detector.collect_check
+    assert m.detector.verdict.suspected and check is not None and check.collections >= 2
+    assert len(seen) >= 2
+    # The window holds up to 192 samples; at the readings at most the newest one is alive.
+    assert max(seen) <= 2, seen
