@@ -76,7 +76,9 @@ class Config:
             generation, objects parked in the interpreter's free lists) is not a leak. Costs
             two collections per suspicion (tens of milliseconds on a 250,000-object heap, about
             a second at 5 million objects); off, such growth can raise false alarms.
-        collect_check_requests: Fewest requests between the two collections of a check.
+        collect_check_requests: Fewest requests between the two collections of a check; the
+            span also grows until the suspected growth adds 32 KiB per request seen in flight
+            at once (up to 16), since each request in flight holds its objects at a reading.
         clear: Consecutive clean evaluations before a reported leak clears.
         detector_budget_us: CPU budget per request, in microseconds, for running the detector.
         heap_block_bytes: Mean size assumed for one Python heap block when converting block
