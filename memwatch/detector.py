@@ -45,12 +45,14 @@ CHECK_BYTES = 32_768
 # Requests in flight a collect check allows for (its span grows with them: each holds its own
 # objects at a reading, so the readings of a server with many in flight move further).
 MAX_CONCURRENCY = 16
-# Share of the trend's growth rate that a collect check must find retained. The corpus's leaks
-# keep 70-100 % of it: the trend also holds garbage promoted to the oldest generation, which
-# piles up between full collections on top of the leak.
+# Share of the heap trend's growth rate that a collect check must find retained. The corpus's
+# leaks keep 70-100 % of it: the trend also holds garbage promoted to the oldest generation,
+# which piles up between full collections on top of the leak.
 RETAINED_SHARE = 0.5
-# The largest object pymalloc serves: a heap block holds at most this many bytes.
-MAX_BLOCK_BYTES = 512
+# The same for RSS, whose growth the allocator's bytes in use and the collected heap must
+# explain: RSS also grows with fragmentation and per-thread arenas (gthread's four threads
+# grow it by about 120 B/request for thousands of requests on a clean app).
+RSS_RETAINED_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -396,20 +398,19 @@ class Detector:
         kept: list[SignalTrend] = []
         for t in suspects:
             if t.signal == "rss":
-                # pymalloc's arenas come from mmap, not malloc: the Python heap is added, at
-                # the most its blocks can hold (the mean block size that converts blocks to
-                # bytes elsewhere undercounts a leak of 300-byte strings by five times).
+                # pymalloc's arenas come from mmap, not malloc: the Python heap is added.
                 what = "the allocator's bytes in use and the collected heap"
                 if check.malloc_rate is None:
                     kept.append(t)  # nothing to check it against here
                     continue
-                blocks = max(rate, 0.0) / self.config.heap_block_bytes
-                measured = check.malloc_rate + blocks * MAX_BLOCK_BYTES
+                measured = check.malloc_rate + max(rate, 0.0)
+                needed = max(self.min_rate("rss"), RSS_RETAINED_SHARE * (t.bytes_per_request or 0))
             else:
                 measured, what = rate, "the heap after a full collection"
+                needed = RETAINED_SHARE * (t.bytes_per_request or 0.0)
             # A real leak keeps most of what the trend says; garbage, free lists and a decaying
             # warm-up keep markedly less.
-            if measured >= RETAINED_SHARE * (t.bytes_per_request or 0.0):
+            if measured >= needed:
                 kept.append(t)
                 continue
             if t.signal == "rss":
