@@ -53,7 +53,7 @@ help:
 venv: $(STAMP)
 
 # Reinstalls only when the package metadata or build settings change.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml memwatch/_speedups.c
 	@if [ ! -x "$(VPY)" ]; then \
 	  echo "Creating $(VENV) with $(PY) ($$($(PY) --version 2>&1))"; \
 	  $(PY) -m venv $(VENV); \

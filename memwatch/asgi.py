@@ -146,19 +146,21 @@ class ASGIMiddleware:
                     template = UNMATCHED
                 else:
                     path = scope.get("path") or "/"
-            auth, credential = self._classify(scope)
-            record = (
-                template,
-                path,
-                scope.get("method") or "GET",
-                auth,
-                status,
-                monitor.fingerprint(credential) if credential else None,
-            )
             if entry is None and tag is None:
-                monitor.enqueue(record)  # the fast path: counted at the next drain
+                # The fast path: classified, fingerprinted and queued in one call (in C when
+                # built), counted at the next drain.
+                monitor.recorder.record_scope(scope, template, path, status)
             else:
-                label = monitor.record_measured(*record, entry)
+                auth, credential = self._classify(scope)
+                label = monitor.record_measured(
+                    template,
+                    path,
+                    scope.get("method") or "GET",
+                    auth,
+                    status,
+                    monitor.fingerprint(credential) if credential else None,
+                    entry,
+                )
         except Exception as exc:
             self.monitor.errors.record("asgi.finish", exc)
         finally:

@@ -14,6 +14,7 @@ whitespace) never raises: it falls into the nearest honest category.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from memwatch.config import Config
 
@@ -33,6 +34,17 @@ _BLANK_BYTES = frozenset(c for c in range(256) if chr(c).isspace())
 ANONYMOUS: Classified = ("anonymous", None)
 
 
+class FastPathTables(NamedTuple):
+    """What the compiled recorder (:mod:`memwatch.recorder`) needs to decide the common cases
+    exactly as :class:`AuthClassifier` does, and to know when to hand a request back to it."""
+
+    apikey_raw: tuple[bytes, ...]  # API-key header names as ASGI sends them (lower case)
+    apikey_environ: tuple[str, ...]  # the same as WSGI environ keys, in the order tried
+    query_needles: tuple[bytes, ...]  # "name=" of each query credential, lower case
+    cookie_needles: tuple[bytes, ...]  # "name=" of each session cookie, lower case
+    blank: bytes  # 256 flags: 1 where the latin-1 character is whitespace (str.isspace)
+
+
 class AuthClassifier:
     """Classifies a request's authentication path from its headers, query and cookies."""
 
@@ -48,6 +60,21 @@ class AuthClassifier:
         )
         self._cookies = tuple(name + "=" for name in config.session_cookies)
         self._cookies_lower = tuple(c.lower() for c in self._cookies)
+
+    def fast_path_tables(self) -> FastPathTables:
+        """The tables the compiled recorder works from (needles it cannot match as ASCII are
+        kept as they are: a non-ASCII needle always sends the request to this classifier)."""
+        return FastPathTables(
+            apikey_raw=tuple(sorted(self._apikey_raw)),
+            apikey_environ=self._apikey_environ,
+            query_needles=tuple(
+                needle.encode("utf-8", "surrogatepass") for needle, _scheme in self._query
+            ),
+            cookie_needles=tuple(
+                needle.encode("utf-8", "surrogatepass") for needle in self._cookies_lower
+            ),
+            blank=bytes(1 if c in _BLANK_BYTES else 0 for c in range(256)),
+        )
 
     def from_environ(self, environ: dict[str, object]) -> Classified:
         """Classify a WSGI request."""

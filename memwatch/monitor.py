@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import itertools
 import math
+import operator
 import os
 import random
 import threading
@@ -39,6 +40,7 @@ from memwatch.config import Config
 from memwatch.detector import MAX_CONCURRENCY, MIN_POINTS, CollectCheck, Detector, Verdict
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
+from memwatch.recorder import Recorder, make_recorder
 from memwatch.routes import OTHER, RouteTable, normalize_path
 from memwatch.signals import Sample, SampleRing, Signals
 from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
@@ -93,6 +95,9 @@ DELTA_BUCKETS = (
 )
 
 RequestKey = tuple[str, str, str, str]  # route, method, auth, outcome
+# A record's label part (template, path, method, auth, status) and its (auth, fingerprint).
+_LABELS = operator.itemgetter(0, 1, 2, 3, 4)
+_CREDENTIAL = operator.itemgetter(3, 5)
 # A request as the middlewares queue it: (template or None, raw path when there is no template,
 # method, auth scheme, status as an int or a WSGI status line, credential fingerprint or None).
 Record = tuple["str | None", "str | None", str, str, "int | str | None", "int | None"]
@@ -204,6 +209,7 @@ class Monitor:
         self._pending: collections.deque[Record] = collections.deque(maxlen=PENDING_MAX)
         self.enqueue = self._pending.append
         self.fingerprint = self._fingerprinter.fingerprint
+        self.recorder = self._make_recorder()
         self._reset_state()
         _MONITORS.add(self)
 
@@ -263,7 +269,15 @@ class Monitor:
         self._drain_lock = threading.Lock()
         self._fingerprinter = Fingerprinter()
         self.fingerprint = self._fingerprinter.fingerprint
+        self.recorder = self._make_recorder()
         self._reset_state()
+
+    def _make_recorder(self) -> Recorder:
+        """The fast path's recorder: classifies, fingerprints and queues a request in one call
+        (compiled when ``memwatch._speedups`` is built and ``config.speedups`` allows it)."""
+        return make_recorder(
+            self.enqueue, self.auth, self._fingerprinter, compiled=self.config.speedups
+        )
 
     # --- the per-request path ----------------------------------------------------------------
 
@@ -352,40 +366,38 @@ class Monitor:
         if not n:
             return
         pop = queue.popleft  # popleft, not a swap: an append racing the drain is never lost
-        # Counter hashes each record once, in C; equal records (same labels and credential)
-        # are then handled once. Labels are worked out once per distinct label set.
-        grouped = collections.Counter([pop() for _ in range(n)])
+        records = [pop() for _ in range(n)]
+        # Counted in C: the label sets (a handful per batch: routes, schemes, statuses) and the
+        # distinct credentials; labels are worked out once per label set, and a credential is
+        # folded into the sketches once per batch however many requests carried it.
+        grouped = collections.Counter(map(_LABELS, records))
+        credentials = set(map(_CREDENTIAL, records))
         routes = self.routes
         sketches = self._sketches
-        keys: dict[tuple[object, ...], RequestKey] = {}
         with self._lock:
             counts = self._counts
-            for record, k in grouped.items():
-                labels = record[:5]
-                key = keys.get(labels)
-                if key is None:
-                    template, path, method, auth, status = labels
-                    if template is not None:
-                        route = routes.label(template, k)
-                    else:
-                        route = routes.for_path(path or "/", k)
-                    code = status if type(status) is int else status_code(status)
-                    key = keys[labels] = (
-                        route,
-                        method if method in METHODS else "OTHER",
-                        auth,
-                        "ok" if code < 400 else outcome_of(code),
-                    )
-                elif key[0] == OTHER:
-                    self.routes.overflowed += k
+            for labels, k in grouped.items():
+                template, path, method, auth, status = labels
+                if template is not None:
+                    route = routes.label(template, k)
+                else:
+                    route = routes.for_path(path or "/", k)
+                code = status if type(status) is int else status_code(status)
+                key = (
+                    route,
+                    method if method in METHODS else "OTHER",
+                    auth,
+                    "ok" if code < 400 else outcome_of(code),
+                )
                 counts[key] = counts.get(key, 0) + k
-                fingerprint = record[5]
-                if fingerprint is not None:
-                    sketch = sketches.get(key[2])
-                    if sketch is not None:
-                        sketch.add(fingerprint)
-                    if fingerprint % FIRST_SEEN_SAMPLING == 0:
-                        self._note_credential(fingerprint)
+            for auth, fingerprint in credentials:
+                if fingerprint is None:
+                    continue
+                sketch = sketches.get(auth)
+                if sketch is not None:
+                    sketch.add(fingerprint)
+                if fingerprint % FIRST_SEEN_SAMPLING == 0:
+                    self._note_credential(fingerprint)
             self.requests += n
 
     def record_measured(

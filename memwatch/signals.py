@@ -101,21 +101,23 @@ class SampleRing:
             self._gcs[i * self._GENERATIONS + g] = value
 
     def _at(self, i: int) -> Sample:
-        ints = {name: column[i] for name, column in self._ints.items()}
-        for name in ("rss_bytes", "heap_blocks", "traced_bytes"):
-            if ints[name] < 0:
-                ints[name] = None  # type: ignore[assignment]
+        # Positional, without an intermediate dict: the detector builds its whole window of
+        # samples (192 by default) at every evaluation, and this was half of an evaluation.
+        ints = self._ints
+        rss = ints["rss_bytes"][i]
+        heap = ints["heap_blocks"][i]
+        traced = ints["traced_bytes"][i]
         base = i * self._GENERATIONS
         return Sample(
-            time=self._times[i],
-            wall=self._walls[i],
-            requests=ints["requests"],
-            rss_bytes=ints["rss_bytes"],
-            heap_blocks=ints["heap_blocks"],
-            gc_pending=ints["gc_pending"],
-            gc_collections=tuple(self._gcs[base : base + self._ngcs[i]]),
-            traced_bytes=ints["traced_bytes"],
-            first_seen=ints["first_seen"],
+            self._times[i],
+            self._walls[i],
+            ints["requests"][i],
+            None if rss < 0 else rss,
+            None if heap < 0 else heap,
+            ints["gc_pending"][i],
+            tuple(self._gcs[base : base + self._ngcs[i]]),
+            None if traced < 0 else traced,
+            ints["first_seen"][i],
         )
 
     def __getitem__(self, index: int) -> Sample:

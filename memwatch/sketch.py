@@ -106,6 +106,17 @@ class Fingerprinter:
         self._key = bytes(key)
         self._salt = int.from_bytes(self._key[:8], "little")
 
+    @property
+    def hash_salt(self) -> int | None:
+        """The salt XORed into ``hash()``, for the compiled recorder (:mod:`memwatch.recorder`);
+        None when fingerprints are the BLAKE2b reference (an explicit ``key``)."""
+        return None if self._reference else self._salt
+
+    @property
+    def hash_mixed(self) -> bool:
+        """Whether ``hash()`` is mixed (this interpreter's hash is not SipHash)."""
+        return _HASH_NEEDS_MIX
+
     def fingerprint(self, credential: bytes | str) -> int:
         """Return the credential's 64-bit fingerprint, an int in ``[0, 2**64)``; about 0.3 µs
         for a 150-character bearer token (the reference BLAKE2b about 1.2 µs)."""

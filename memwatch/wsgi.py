@@ -84,19 +84,21 @@ class EnvironRecorder:
                     template = UNMATCHED
                 else:
                     path = environ.get("PATH_INFO") or "/"
-            auth, credential = self._classify(environ)
-            record = (
-                template,
-                path,
-                environ.get("REQUEST_METHOD") or "GET",
-                auth,
-                status,
-                monitor.fingerprint(credential) if credential else None,
-            )
             if entry is None and tag is None:
-                monitor.enqueue(record)  # the fast path: counted at the next drain
+                # The fast path: classified, fingerprinted and queued in one call (in C when
+                # built), counted at the next drain.
+                monitor.recorder.record_environ(environ, template, path, status)
             else:
-                label = monitor.record_measured(*record, entry)
+                auth, credential = self._classify(environ)
+                label = monitor.record_measured(
+                    template,
+                    path,
+                    environ.get("REQUEST_METHOD") or "GET",
+                    auth,
+                    status,
+                    monitor.fingerprint(credential) if credential else None,
+                    entry,
+                )
         except Exception as exc:
             self.monitor.errors.record(self.kind + ".finish", exc)
         finally:

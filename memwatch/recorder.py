@@ -1,0 +1,115 @@
+"""The per-request record: auth scheme, credential fingerprint, one queued tuple.
+
+Every request that is neither measured nor inside a diagnosis window ends with one call::
+
+    monitor.recorder.record_scope(scope, template, path, status)        # ASGI
+    monitor.recorder.record_environ(environ, template, path, status)    # WSGI
+
+which classifies the request's authentication (:class:`memwatch.auth.AuthClassifier`),
+fingerprints its credential (:class:`memwatch.sketch.Fingerprinter`) and appends the record
+``(template, path, method, auth, status, fingerprint)`` to the monitor's queue.
+
+Two implementations give the same records: :class:`PyRecorder` here, the reference, and
+``memwatch._speedups.Recorder``, a C extension built at install time when a compiler is there.
+The C one decides only the common cases itself (no credential, a plain Bearer token, an ASCII
+API key) and calls the reference for everything else, so it can never classify differently;
+``tests/test_recorder.py`` checks both on generated headers. ``Config(speedups=False)``
+(``MEMWATCH_SPEEDUPS=0``) keeps the pure-Python path.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Callable
+
+from memwatch.auth import AuthClassifier
+from memwatch.sketch import Fingerprinter
+
+__all__ = ["PyRecorder", "Recorder", "compiled_available", "make_recorder"]
+
+Append = Callable[[tuple[t.Any, ...]], object]
+
+try:
+    from memwatch import _speedups  # type: ignore[attr-defined]
+except ImportError:  # not built (no compiler at install time): the pure-Python path
+    _speedups = None
+
+
+class Recorder(t.Protocol):
+    """What the middlewares call at the end of a request (see the module docstring)."""
+
+    def record_scope(
+        self, scope: t.Any, template: str | None, path: str | None, status: int
+    ) -> None: ...
+
+    def record_environ(
+        self,
+        environ: dict[str, t.Any],
+        template: str | None,
+        path: str | None,
+        status: str | None,
+    ) -> None: ...
+
+
+class PyRecorder:
+    """The reference recorder, in Python."""
+
+    def __init__(
+        self, append: Append, classifier: AuthClassifier, fingerprinter: Fingerprinter
+    ) -> None:
+        self._append = append
+        self._from_scope = classifier.from_scope
+        self._from_environ = classifier.from_environ
+        self._fingerprint = fingerprinter.fingerprint
+
+    def record_scope(
+        self, scope: t.Any, template: str | None, path: str | None, status: int
+    ) -> None:
+        method = scope.get("method") or "GET"
+        auth, credential = self._from_scope(scope)
+        fingerprint = self._fingerprint(credential) if credential else None
+        self._append((template, path, method, auth, status, fingerprint))
+
+    def record_environ(
+        self,
+        environ: dict[str, t.Any],
+        template: str | None,
+        path: str | None,
+        status: str | None,
+    ) -> None:
+        method = environ.get("REQUEST_METHOD") or "GET"
+        auth, credential = self._from_environ(environ)
+        fingerprint = self._fingerprint(credential) if credential else None
+        self._append((template, path, method, auth, status, fingerprint))
+
+
+def compiled_available() -> bool:
+    """Whether the C recorder (``memwatch._speedups``) was built and imports."""
+    return _speedups is not None
+
+
+def make_recorder(
+    append: Append,
+    classifier: AuthClassifier,
+    fingerprinter: Fingerprinter,
+    *,
+    compiled: bool = True,
+) -> Recorder:
+    """The C recorder when asked for and built, else :class:`PyRecorder`."""
+    if not compiled or _speedups is None:
+        return PyRecorder(append, classifier, fingerprinter)
+    tables = classifier.fast_path_tables()
+    recorder: Recorder = _speedups.Recorder(
+        append=append,
+        classify_scope=classifier.from_scope,
+        classify_environ=classifier.from_environ,
+        fingerprint=fingerprinter.fingerprint,
+        apikey_raw=tables.apikey_raw,
+        apikey_environ=tables.apikey_environ,
+        query_needles=tables.query_needles,
+        cookie_needles=tables.cookie_needles,
+        blank=tables.blank,
+        salt=fingerprinter.hash_salt,
+        mix=fingerprinter.hash_mixed,
+    )
+    return recorder

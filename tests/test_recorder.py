@@ -1,0 +1,308 @@
+"""The per-request recorder: the compiled one gives exactly the records of the Python reference.
+
+Every request that is neither measured nor in a diagnosis window is recorded by
+``monitor.recorder`` (memwatch/recorder.py). The C recorder decides the common cases itself and
+hands every other one to the reference: these tests drive both with the same requests, fixed
+and generated (every auth scheme, blanks, non-ASCII bytes, repeated headers, huge values,
+unusual types), and compare the queued records field by field.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from memwatch.auth import AuthClassifier
+from memwatch.config import Config
+from memwatch.recorder import PyRecorder, compiled_available, make_recorder
+from memwatch.sketch import Fingerprinter
+
+needs_compiled = pytest.mark.skipif(
+    not compiled_available(), reason="memwatch._speedups is not built (no C compiler?)"
+)
+
+Record = tuple[Any, ...]
+
+
+def test_compiled_recorder_is_built_where_make_test_runs() -> None:
+    # `make test` installs with a compiler present: the C path must be there and in use, or
+    # the speed figures in docs/performance.md would be measuring the fallback. Set
+    # MEMWATCH_TEST_NO_COMPILER=1 where the package was deliberately installed without it.
+    if os.environ.get("MEMWATCH_TEST_NO_COMPILER") == "1":
+        pytest.skip("installed without the compiled recorder on purpose")
+    assert compiled_available()
+
+
+def recorders(
+    config: Config | None = None, key: bytes | None = None
+) -> tuple[Any, Any, collections.deque[Record], collections.deque[Record]]:
+    config = config or Config()
+    classifier = AuthClassifier(config)
+    fingerprinter = Fingerprinter(key)
+    fast_queue: collections.deque[Record] = collections.deque()
+    slow_queue: collections.deque[Record] = collections.deque()
+    fast = make_recorder(fast_queue.append, classifier, fingerprinter)
+    slow = PyRecorder(slow_queue.append, classifier, fingerprinter)
+    return fast, slow, fast_queue, slow_queue
+
+
+def scope_of(headers: list[tuple[bytes, bytes]], query: bytes = b"", **extra: Any) -> Any:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/x",
+        "query_string": query,
+        "headers": headers,
+    }
+    scope.update(extra)
+    return scope
+
+
+def environ_of(headers: dict[str, Any], query: Any = "", **extra: Any) -> dict[str, Any]:
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": "/x", "QUERY_STRING": query}
+    for name, value in headers.items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    environ.update(extra)
+    return environ
+
+
+def outcome(call: Any, queue: collections.deque[Record]) -> tuple[str, Any]:
+    """What a recorder did: the records it queued, or the type of what it raised (the
+    middleware counts that as an internal error; both paths must raise alike)."""
+    try:
+        call()
+    except Exception as exc:
+        return "raised", type(exc)
+    return "queued", list(queue)
+
+
+def same_scope(scope: Any, config: Config | None = None, key: bytes | None = None) -> Record:
+    fast, slow, fast_queue, slow_queue = recorders(config, key)
+    got = outcome(lambda: fast.record_scope(scope, "/t", None, 200), fast_queue)
+    expected = outcome(lambda: slow.record_scope(scope, "/t", None, 200), slow_queue)
+    assert got == expected
+    return fast_queue[0] if fast_queue else ()
+
+
+def same_environ(environ: Any, config: Config | None = None, key: bytes | None = None) -> Record:
+    fast, slow, fast_queue, slow_queue = recorders(config, key)
+    got = outcome(lambda: fast.record_environ(environ, None, "/x", "200 OK"), fast_queue)
+    expected = outcome(lambda: slow.record_environ(environ, None, "/x", "200 OK"), slow_queue)
+    assert got == expected
+    return fast_queue[0] if fast_queue else ()
+
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+
+# (headers, query): one case per branch of the compiled path and of its hand-backs.
+CASES: list[tuple[dict[str, str], str, str]] = [
+    ({}, "", "anonymous"),
+    ({"Authorization": "Bearer " + TOKEN}, "", "bearer"),
+    ({"Authorization": "Bearer " + TOKEN, "Cookie": "sessionid=abc"}, "", "bearer"),
+    ({"Authorization": "bearer " + TOKEN}, "", "bearer"),  # lower-case scheme: reference
+    ({"Authorization": "Bearer  " + TOKEN}, "", "bearer"),  # two spaces: reference
+    ({"Authorization": "Bearer " + TOKEN + " "}, "", "bearer"),  # trailing blank: reference
+    ({"Authorization": "Bearer \x1c" + TOKEN}, "", "bearer"),  # a blank only str.isspace knows
+    ({"Authorization": "Bearer é" + TOKEN}, "", "bearer"),  # non-ASCII: reference
+    ({"Authorization": "Bearer "}, "", "bearer"),  # a scheme without a credential
+    ({"Authorization": "   "}, "", "anonymous"),
+    ({"Authorization": "Basic YWxpY2U6c2VjcmV0"}, "", "basic"),
+    ({"Authorization": 'Digest username="alice", nonce="n1"'}, "", "digest"),
+    ({"Authorization": "Token abc"}, "", "apikey"),
+    ({"Authorization": "Negotiate abc"}, "", "other"),
+    ({"X-Api-Key": "k-123"}, "", "apikey"),
+    ({"X-Api-Key": ""}, "", "anonymous"),
+    ({"X-Api-Key": "ké"}, "", "apikey"),
+    ({"X-Api-Key": "k" * 9000}, "", "apikey"),  # over the bound: the reference cuts it
+    ({"Api-Key": "k1", "X-Api-Key": "k2"}, "", "apikey"),
+    ({}, "access_token=t1&x=1", "bearer"),
+    ({}, "fields=name&page=2", "anonymous"),
+    ({}, "ACCESS_TOKEN=T1", "bearer"),
+    ({}, "monkey=1", "anonymous"),  # "key=" inside another name: reference says no
+    ({"Cookie": "theme=dark; sessionid=s1"}, "", "session"),
+    ({"Cookie": "theme=dark; csrftoken=x"}, "", "anonymous"),
+    ({"Cookie": "SessionID=S1"}, "", "session"),
+    ({"Cookie": "xsessionid=1"}, "", "anonymous"),
+    ({"Cookie": "sessionid="}, "", "session"),  # the cookie without a value
+    ({"Authorization": "Bearer " + TOKEN}, "access_token=t1", "bearer"),
+]
+
+
+@needs_compiled
+@pytest.mark.parametrize(("headers", "query", "auth"), CASES)
+def test_asgi_records_match_the_reference(headers: dict[str, str], query: str, auth: str) -> None:
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    record = same_scope(scope_of(raw, query.encode("latin-1")))
+    assert record[3] == auth
+    if auth == "anonymous":
+        assert record[5] is None
+
+
+@needs_compiled
+@pytest.mark.parametrize(("headers", "query", "auth"), CASES)
+def test_wsgi_records_match_the_reference(headers: dict[str, str], query: str, auth: str) -> None:
+    record = same_environ(environ_of(headers, query))
+    assert record[3] == auth
+    if auth == "anonymous":
+        assert record[5] is None
+
+
+@needs_compiled
+def test_record_fields_are_passed_through() -> None:
+    fast, _slow, queue, _ = recorders()
+    scope = scope_of([(b"authorization", b"Bearer " + TOKEN.encode())], method="PATCH")
+    fast.record_scope(scope, "/items/{id}", None, 404)
+    fast.record_environ(environ_of({}, REQUEST_METHOD="DELETE"), None, "/raw", "500 Oops")
+    first, second = queue
+    assert first[:5] == ("/items/{id}", None, "PATCH", "bearer", 404)
+    assert isinstance(first[5], int) and 0 <= first[5] < 2**64
+    assert second == (None, "/raw", "DELETE", "anonymous", "500 Oops", None)
+
+
+@needs_compiled
+def test_the_same_credential_gives_the_same_fingerprint_through_both_protocols() -> None:
+    fast, _slow, queue, _ = recorders()
+    fast.record_scope(scope_of([(b"authorization", b"Bearer " + TOKEN.encode())]), "/t", None, 200)
+    fast.record_environ(environ_of({"Authorization": "Bearer " + TOKEN}), "/t", None, "200 OK")
+    fast.record_scope(scope_of([(b"x-api-key", TOKEN.encode())]), "/t", None, 200)
+    assert queue[0][5] == queue[1][5] == queue[2][5]
+    fast.record_scope(scope_of([(b"authorization", b"Bearer other")]), "/t", None, 200)
+    assert queue[3][5] != queue[0][5]
+
+
+@needs_compiled
+def test_reference_fingerprints_with_an_explicit_key() -> None:
+    # An explicit key means BLAKE2b fingerprints: the compiled path must use the reference.
+    record = same_scope(scope_of([(b"authorization", b"Bearer abc")]), key=b"k" * 16)
+    assert record[5] == Fingerprinter(b"k" * 16).fingerprint("abc")
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "scope",
+    [
+        pytest.param(
+            scope_of([(b"cookie", b"a=1"), (b"cookie", b"sessionid=s")]), id="cookie crumbs"
+        ),
+        pytest.param(scope_of([[b"authorization", b"Bearer abc"]]), id="list pair"),
+        pytest.param(scope_of([(bytearray(b"x-api-key"), b"k")]), id="bytearray name"),
+        pytest.param(scope_of(((b"authorization", b"Bearer abc"),)), id="tuple headers"),
+        pytest.param(scope_of(iter([(b"authorization", b"Bearer abc")])), id="iterator headers"),
+        pytest.param(scope_of([], query=bytearray(b"token=1")), id="bytearray query"),
+        pytest.param(scope_of([], method=""), id="empty method"),
+        pytest.param(scope_of([], method=None), id="no method"),
+        pytest.param(collections.OrderedDict(scope_of([(b"x-api-key", b"k")])), id="dict subclass"),
+        pytest.param({"type": "http"}, id="bare scope"),
+    ],
+)
+def test_unusual_scopes_match_the_reference(scope: Any) -> None:
+    if isinstance(scope.get("headers"), type(iter([]))):
+        # An iterator is consumed by the first reader: give each recorder its own.
+        fast, slow, fast_queue, slow_queue = recorders()
+        fast.record_scope(scope_of(iter([(b"authorization", b"Bearer abc")])), "/t", None, 200)
+        slow.record_scope(scope_of(iter([(b"authorization", b"Bearer abc")])), "/t", None, 200)
+        assert list(fast_queue) == list(slow_queue)
+        return
+    same_scope(scope)
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "environ",
+    [
+        pytest.param(environ_of({"Authorization": b"Bearer abc"}), id="bytes header"),
+        pytest.param(environ_of({"Authorization": None}), id="None header"),
+        pytest.param(environ_of({"X-Api-Key": 12345}), id="int api key"),
+        pytest.param(environ_of({}, query=None), id="None query"),
+        pytest.param(environ_of({"Cookie": "sessionid=é"}), id="non-ASCII cookie"),
+        pytest.param(environ_of({}, REQUEST_METHOD=""), id="empty method"),
+        pytest.param(collections.OrderedDict(environ_of({"X-Api-Key": "k"})), id="dict subclass"),
+    ],
+)
+def test_unusual_environs_match_the_reference(environ: Any) -> None:
+    same_environ(environ)
+
+
+@needs_compiled
+def test_a_classifier_that_fails_propagates_and_queues_nothing() -> None:
+    class Broken(AuthClassifier):
+        def from_scope(self, scope: object) -> tuple[str, str | None]:
+            raise RuntimeError("broken")
+
+    queue: collections.deque[Record] = collections.deque()
+    fast = make_recorder(queue.append, Broken(Config()), Fingerprinter())
+    with pytest.raises(RuntimeError, match="broken"):
+        fast.record_scope(scope_of([(b"authorization", b"Basic abc")]), "/t", None, 200)
+    assert not queue
+    # The fast path does not consult the classifier at all.
+    fast.record_scope(scope_of([(b"authorization", b"Bearer abc")]), "/t", None, 200)
+    assert len(queue) == 1
+
+
+def test_speedups_false_keeps_the_python_path() -> None:
+    from memwatch.monitor import Monitor
+
+    assert isinstance(Monitor(Config(speedups=False)).recorder, PyRecorder)
+    if compiled_available():
+        assert not isinstance(Monitor(Config()).recorder, PyRecorder)
+
+
+# --- generated requests ---------------------------------------------------------------------
+
+latin1 = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=40)
+prefixes = st.sampled_from(
+    ["Bearer ", "bearer ", "Basic ", "Digest ", "Token ", "Bearer", "", " Bearer ", "BEARER\t"]
+)
+names = st.sampled_from(
+    ["authorization", "x-api-key", "api-key", "cookie", "accept", "x-auth-token", "host"]
+)
+values = st.one_of(
+    st.builds(lambda p, v: p + v, prefixes, latin1),
+    st.builds(lambda n, v: n + "=" + v, st.sampled_from(["sessionid", "theme", "SESSION"]), latin1),
+    latin1,
+)
+queries = st.one_of(
+    st.just(""),
+    latin1,
+    st.builds(lambda n, v: n + "=" + v, st.sampled_from(["token", "Access_Token", "page"]), latin1),
+)
+header_lists = st.lists(st.tuples(names, values), max_size=6)
+SETTINGS = settings(deadline=None, max_examples=300)
+
+
+@needs_compiled
+@SETTINGS
+@given(headers=header_lists, query=queries)
+@example(headers=[("authorization", "Bearer " + "t" * 8200)], query="")
+@example(headers=[("x-api-key", ""), ("api-key", "second")], query="")
+def test_property_asgi_matches_the_reference(headers: list[tuple[str, str]], query: str) -> None:
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    same_scope(scope_of(raw, query.encode("latin-1")))
+
+
+@needs_compiled
+@SETTINGS
+@given(headers=st.dictionaries(names, values, max_size=5), query=queries)
+def test_property_wsgi_matches_the_reference(headers: dict[str, str], query: str) -> None:
+    same_environ(environ_of(headers, query))
+
+
+@needs_compiled
+@SETTINGS
+@given(headers=header_lists, query=queries)
+def test_property_configured_names_match_the_reference(
+    headers: list[tuple[str, str]], query: str
+) -> None:
+    config = Config(
+        apikey_headers=("x-auth-token", "authorization-key"),
+        session_cookies=("theme",),
+        query_credentials=("page", "token"),
+    )
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    same_scope(scope_of(raw, query.encode("latin-1")), config)
+    same_environ(environ_of(dict(headers), query), config)
