@@ -27,6 +27,17 @@
 #include <string.h>
 
 #define MAX_VALUE 8192
+
+/* getattr(obj, name, None) without raising and catching AttributeError: 1 found, 0 not, -1 error */
+static int
+lookup_attr(PyObject *obj, PyObject *name, PyObject **result)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyObject_GetOptionalAttr(obj, name, result);
+#else
+    return _PyObject_LookupAttr(obj, name, result);
+#endif
+}
 #define MIX_MULTIPLIER 0x9E3779B97F4A7C15ULL
 
 typedef struct {
@@ -48,6 +59,8 @@ typedef struct {
 static PyObject *str_bearer, *str_apikey, *str_anonymous, *str_get;
 static PyObject *key_headers, *key_method, *key_query_string;
 static PyObject *key_http_authorization, *key_query_env, *key_http_cookie, *key_request_method;
+static PyObject *key_route_key, *key_route, *key_routes, *key_path, *key_fastapi, *key_context;
+static PyObject *key_original_route, *key_root_path, *key_app, *str_unmatched, *str_root;
 
 static int
 Recorder_traverse(Recorder *self, visitproc visit, void *arg)
@@ -565,7 +578,184 @@ reference:
                              status);
 }
 
+/* The route template Starlette or FastAPI matched (memwatch.routes.starlette_template), as a new
+ * reference in *template (NULL: none). Returns 1 when decided, 0 when the Python function must
+ * decide (a mount prefix to normalise, unusual types), -1 on error. */
+static int
+starlette_template(PyObject *scope, PyObject *entry_root_path, PyObject **template)
+{
+    *template = NULL;
+    if (!PyUnicode_Check(entry_root_path)) {
+        return 0;
+    }
+    PyObject *route = PyDict_GetItemWithError(scope, key_route);
+    if (route == NULL) {
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    if (route == Py_None) {
+        return 1;
+    }
+    PyObject *routes;
+    int found = lookup_attr(route, key_routes, &routes);
+    if (found < 0) {
+        return -1;
+    }
+    if (found) {
+        Py_DECREF(routes);
+        return 1; /* a Mount or Host: no endpoint matched */
+    }
+    PyObject *path;
+    if (lookup_attr(route, key_path, &path) < 0) {
+        return -1;
+    }
+    PyObject *fastapi = PyDict_GetItemWithError(scope, key_fastapi);
+    if (fastapi == NULL && PyErr_Occurred()) {
+        Py_XDECREF(path);
+        return -1;
+    }
+    if (fastapi != NULL && fastapi != Py_None) {
+        if (!PyDict_CheckExact(fastapi)) {
+            Py_XDECREF(path);
+            return 0;
+        }
+        PyObject *context = PyDict_GetItemWithError(fastapi, key_context);
+        if (context == NULL && PyErr_Occurred()) {
+            Py_XDECREF(path);
+            return -1;
+        }
+        if (context != NULL && context != Py_None) {
+            PyObject *original;
+            if (lookup_attr(context, key_original_route, &original) < 0) {
+                Py_XDECREF(path);
+                return -1;
+            }
+            int same = original == route;
+            Py_XDECREF(original);
+            if (same) {
+                PyObject *effective;
+                if (lookup_attr(context, key_path, &effective) < 0) {
+                    Py_XDECREF(path);
+                    return -1;
+                }
+                if (effective != NULL) {
+                    Py_XSETREF(path, effective);
+                }
+            }
+        }
+    }
+    if (path == NULL || !PyUnicode_Check(path)) {
+        Py_XDECREF(path);
+        return 1;
+    }
+    PyObject *root_path = PyDict_GetItemWithError(scope, key_root_path);
+    if (root_path == NULL && PyErr_Occurred()) {
+        Py_DECREF(path);
+        return -1;
+    }
+    if (root_path != NULL && PyUnicode_Check(root_path) && PyUnicode_Check(entry_root_path) &&
+        PyUnicode_GET_LENGTH(root_path) > PyUnicode_GET_LENGTH(entry_root_path)) {
+        Py_DECREF(path);
+        return 0; /* mounted below a prefix: normalised in Python */
+    }
+    if (root_path != NULL && !PyUnicode_Check(root_path)) {
+        Py_DECREF(path);
+        return 0;
+    }
+    *template = path;
+    return 1;
+}
+
+/* finish_scope(scope, status, entry_root_path, unmatched): the end of an ASGI request on the
+ * fast path, as ASGIMiddleware.finish does it: the route template (memwatch's own key, else
+ * Starlette's matched route), "__unmatched__" for a 404 without one in a framework, else the
+ * raw path; then record_scope. True when recorded; False when the request needs the Python
+ * path (nothing is recorded then). */
+static PyObject *
+Recorder_finish_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "finish_scope() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *scope = args[0], *status = args[1], *entry_root_path = args[2];
+    int unmatched = PyObject_IsTrue(args[3]);
+    if (unmatched < 0) {
+        return NULL;
+    }
+    if (!PyDict_CheckExact(scope)) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *template = PyDict_GetItemWithError(scope, key_route_key);
+    if (template == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (template != NULL && template != Py_None) {
+        if (!PyUnicode_CheckExact(template) || PyUnicode_GET_LENGTH(template) == 0) {
+            Py_RETURN_FALSE;
+        }
+        Py_INCREF(template);
+    }
+    else {
+        int decided = starlette_template(scope, entry_root_path, &template);
+        if (decided < 0) {
+            return NULL;
+        }
+        if (decided == 0) {
+            Py_RETURN_FALSE;
+        }
+    }
+    PyObject *path = Py_None;
+    if (template == NULL) {
+        if (!PyLong_Check(status)) {
+            Py_RETURN_FALSE;
+        }
+        long code = PyLong_AsLong(status);
+        if (code == -1 && PyErr_Occurred()) {
+            PyErr_Clear(); /* too large for a long: not a 404 */
+        }
+        int is_404 = code == 404;
+        if (is_404 && !unmatched) {
+            unmatched = PyDict_Contains(scope, key_app);
+            if (unmatched < 0) {
+                return NULL;
+            }
+        }
+        if (is_404 && unmatched) {
+            template = Py_NewRef(str_unmatched);
+        }
+        else {
+            template = Py_NewRef(Py_None);
+            path = PyDict_GetItemWithError(scope, key_path);
+            if (path == NULL) {
+                if (PyErr_Occurred()) {
+                    Py_DECREF(template);
+                    return NULL;
+                }
+                path = str_root;
+            }
+            else if (!PyUnicode_CheckExact(path)) {
+                Py_DECREF(template);
+                Py_RETURN_FALSE;
+            }
+            else if (PyUnicode_GET_LENGTH(path) == 0) {
+                path = str_root;
+            }
+        }
+    }
+    PyObject *record_args[4] = {scope, template, path, status};
+    PyObject *result = Recorder_record_scope(self, record_args, 4);
+    Py_DECREF(template);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef Recorder_methods[] = {
+    {"finish_scope", (PyCFunction)(void (*)(void))Recorder_finish_scope, METH_FASTCALL,
+     "finish_scope(scope, status, entry_root_path, unmatched) -> bool: the fast path's end of "
+     "an ASGI request (False: the Python path must record it)."},
     {"record_scope", (PyCFunction)(void (*)(void))Recorder_record_scope, METH_FASTCALL,
      "record_scope(scope, template, path, status): queue an ASGI request's record."},
     {"record_environ", (PyCFunction)(void (*)(void))Recorder_record_environ, METH_FASTCALL,
@@ -611,7 +801,14 @@ PyInit__speedups(void)
         intern(&key_query_string, "query_string") < 0 ||
         intern(&key_http_authorization, "HTTP_AUTHORIZATION") < 0 ||
         intern(&key_query_env, "QUERY_STRING") < 0 || intern(&key_http_cookie, "HTTP_COOKIE") < 0 ||
-        intern(&key_request_method, "REQUEST_METHOD") < 0) {
+        intern(&key_request_method, "REQUEST_METHOD") < 0 ||
+        intern(&key_route_key, "memwatch.route") < 0 || intern(&key_route, "route") < 0 ||
+        intern(&key_routes, "routes") < 0 || intern(&key_path, "path") < 0 ||
+        intern(&key_fastapi, "fastapi") < 0 ||
+        intern(&key_context, "effective_route_context") < 0 ||
+        intern(&key_original_route, "original_route") < 0 ||
+        intern(&key_root_path, "root_path") < 0 || intern(&key_app, "app") < 0 ||
+        intern(&str_unmatched, "__unmatched__") < 0 || intern(&str_root, "/") < 0) {
         return NULL;
     }
     if (PyType_Ready(&RecorderType) < 0) {

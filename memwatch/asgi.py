@@ -73,6 +73,8 @@ class ASGIMiddleware:
         self._report_path = self._endpoints.report_path
         self._enabled = self.config.enabled
         self.framework = install_route_hooks(app) if self._enabled else None
+        # A 404 without a template is "__unmatched__" when a framework routes the requests.
+        self._unmatched = self.framework is not None
         if self._enabled:
             self.memwatch.log_startup(app, "ASGI")
 
@@ -88,11 +90,15 @@ class ASGIMiddleware:
                 await _send_response(send, response)
                 return
         monitor = self.monitor
-        try:
-            entry = monitor.request_entry()
-        except Exception as exc:
-            monitor.errors.record("asgi.entry", exc)
-            entry = None
+        # Monitor.request_entry(), inlined: requests are numbered, and one comparison tells
+        # whether a drain, a sample or a measured request is due at this one.
+        ticket = next(monitor._tickets)
+        entry = None
+        if ticket >= monitor._next_event:
+            try:
+                entry = monitor._event(ticket)
+            except Exception as exc:
+                monitor.errors.record("asgi.entry", exc)
         root_path = scope.get("root_path") or ""
         status = 0
         tag = self._tag(scope) if monitor.diagnosis.window is not None else None
@@ -115,7 +121,18 @@ class ASGIMiddleware:
             status = 500
             raise
         finally:
-            self.finish(scope, status or 500, entry, root_path, tag)
+            if entry is None and tag is None:
+                # The fast path: route template, auth scheme, fingerprint and queued record in
+                # one call (in C when built); the recorder hands back what it does not cover.
+                try:
+                    if not monitor.recorder.finish_scope(
+                        scope, status or 500, root_path, self._unmatched
+                    ):
+                        self.finish(scope, status or 500, None, root_path)
+                except Exception as exc:
+                    monitor.errors.record("asgi.finish", exc)
+            else:
+                self.finish(scope, status or 500, entry, root_path, tag)
 
     def _tag(self, scope: Scope) -> Tag | None:
         try:
