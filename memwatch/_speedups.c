@@ -25,6 +25,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <structmember.h>
 
 #define MAX_VALUE 8192
 
@@ -778,6 +779,523 @@ static PyTypeObject RecorderType = {
     .tp_methods = Recorder_methods,
 };
 
+/* --- the WSGI middleware's fast path ------------------------------------------------------
+ *
+ * WSGIBase is the compiled base of memwatch.wsgi.WSGIMiddleware. Its __call__ serves the common
+ * request (not one of memwatch's own paths, nothing due at its entry, no diagnosis window) with
+ * one WSGIResponse object that is at once the app's start_response (it keeps the status) and the
+ * iterable handed back to the server (its close() forwards the app's close() once, then records
+ * the request through the monitor's recorder). Every other request goes to the Python method
+ * _respond(environ, start_response, entry), which does everything the pure-Python middleware
+ * does. The app's exceptions propagate unchanged; memwatch's own failures are counted through
+ * monitor.errors.record() and the request goes on.
+ */
+
+static PyObject *key_path_info, *key_file_wrapper, *key_tickets, *key_next_event, *key_event;
+static PyObject *key_diagnosis, *key_window, *key_recorder, *key_record_environ, *key_errors;
+static PyObject *key_record, *key_respond, *str_500, *str_wsgi_entry, *str_wsgi_finish;
+static PyObject *key_close, *str_record_environ, *key_call_python;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app;
+    PyObject *monitor;
+    PyObject *metrics_path;  /* str */
+    PyObject *report_path;   /* str */
+    int unmatched;           /* a framework routes: a 404 without a template is unmatched */
+    int fast;                /* 0: every request through _respond (speedups off, or disabled) */
+} WSGIBase;
+
+typedef struct {
+    PyObject_HEAD
+    WSGIBase *owner;
+    PyObject *environ;
+    PyObject *start_response;
+    PyObject *iterable;
+    PyObject *iterator;
+    PyObject *status;
+    int closed;
+} WSGIResponse;
+
+static PyTypeObject WSGIResponseType;
+
+/* Counts one of memwatch's own failures (the exception set now) and clears it. */
+static void
+count_error(PyObject *monitor, PyObject *where)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *errors = monitor == NULL ? NULL : PyObject_GetAttr(monitor, key_errors);
+    if (errors != NULL) {
+        PyObject *result = PyObject_CallMethodObjArgs(
+            errors, key_record, where, value != NULL ? value : Py_None, NULL);
+        Py_XDECREF(result);
+        Py_DECREF(errors);
+    }
+    PyErr_Clear(); /* the counter itself failing must not break the request either */
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+static int
+WSGIBase_traverse(WSGIBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->monitor);
+    return 0; /* subtype_traverse visits a heap subclass's type itself */
+}
+
+static int
+WSGIBase_clear(WSGIBase *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->monitor);
+    Py_CLEAR(self->metrics_path);
+    Py_CLEAR(self->report_path);
+    return 0;
+}
+
+static void
+WSGIBase_dealloc(WSGIBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    WSGIBase_clear(self);
+    /* A Python subclass's type reference is dropped by subtype_dealloc, not here. */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* _wsgi_setup(metrics_path, report_path, unmatched, fast) */
+static PyObject *
+WSGIBase_setup(WSGIBase *self, PyObject *args)
+{
+    PyObject *metrics_path, *report_path;
+    int unmatched, fast;
+    if (!PyArg_ParseTuple(args, "OUpp", &metrics_path, &report_path, &unmatched, &fast)) {
+        return NULL;
+    }
+    if (metrics_path != Py_None && !PyUnicode_Check(metrics_path)) {
+        PyErr_SetString(PyExc_TypeError, "metrics_path must be a str or None");
+        return NULL;
+    }
+    Py_XSETREF(self->metrics_path, Py_NewRef(metrics_path));
+    Py_XSETREF(self->report_path, Py_NewRef(report_path));
+    self->unmatched = unmatched;
+    self->fast = fast;
+    Py_RETURN_NONE;
+}
+
+/* Records a finished fast-path request; never raises. */
+static void
+response_finish(WSGIResponse *self)
+{
+    if (self->closed) {
+        return;
+    }
+    self->closed = 1;
+    WSGIBase *owner = self->owner;
+    PyObject *environ = self->environ;
+    PyObject *status = self->status != NULL ? self->status : Py_None;
+    PyObject *template = NULL, *path = Py_None, *recorder = NULL, *result = NULL;
+    if (environ == NULL || owner == NULL || owner->monitor == NULL) {
+        goto done;
+    }
+    template = PyDict_GetItemWithError(environ, key_route_key);
+    if (template == NULL && PyErr_Occurred()) {
+        goto failed;
+    }
+    if (template == NULL || template == Py_None) {
+        template = Py_None;
+        int is_404 = 0;
+        if (owner->unmatched && PyUnicode_Check(status) && PyUnicode_GET_LENGTH(status) >= 3) {
+            PyObject *head = PyUnicode_Substring(status, 0, 3);
+            if (head == NULL) {
+                goto failed;
+            }
+            is_404 = PyUnicode_CompareWithASCIIString(head, "404") == 0;
+            Py_DECREF(head);
+        }
+        if (is_404) {
+            template = str_unmatched;
+        }
+        else {
+            path = PyDict_GetItemWithError(environ, key_path_info);
+            if (path == NULL && PyErr_Occurred()) {
+                goto failed;
+            }
+            if (path == NULL) {
+                path = str_root;
+            }
+            else {
+                int truthy = PyObject_IsTrue(path);
+                if (truthy < 0) {
+                    goto failed;
+                }
+                if (!truthy) {
+                    path = str_root;
+                }
+            }
+        }
+    }
+    recorder = PyObject_GetAttr(owner->monitor, key_recorder);
+    if (recorder == NULL) {
+        goto failed;
+    }
+    PyObject *args[4] = {environ, template, path, status};
+    if (Py_TYPE(recorder) == &RecorderType) {
+        result = Recorder_record_environ((Recorder *)recorder, args, 4);
+    }
+    else {
+        PyObject *method = PyObject_GetAttr(recorder, key_record_environ);
+        if (method != NULL) {
+            result = PyObject_Vectorcall(method, args, 4, NULL);
+            Py_DECREF(method);
+        }
+    }
+    if (result == NULL) {
+        goto failed;
+    }
+    goto done;
+failed:
+    count_error(owner != NULL ? owner->monitor : NULL, str_wsgi_finish);
+done:
+    Py_XDECREF(result);
+    Py_XDECREF(recorder);
+    /* Nothing of the request stays reachable from here (servers keep the response in closures
+     * that start_response captures): no cycle can form through memwatch. */
+    Py_CLEAR(self->environ);
+    Py_CLEAR(self->iterable);
+    Py_CLEAR(self->iterator);
+    Py_CLEAR(self->start_response);
+}
+
+static int
+WSGIResponse_traverse(WSGIResponse *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(self->environ);
+    Py_VISIT(self->start_response);
+    Py_VISIT(self->iterable);
+    Py_VISIT(self->iterator);
+    Py_VISIT(self->status);
+    return 0;
+}
+
+static int
+WSGIResponse_clear(WSGIResponse *self)
+{
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->environ);
+    Py_CLEAR(self->start_response);
+    Py_CLEAR(self->iterable);
+    Py_CLEAR(self->iterator);
+    Py_CLEAR(self->status);
+    return 0;
+}
+
+static void
+WSGIResponse_dealloc(WSGIResponse *self)
+{
+    PyObject_GC_UnTrack(self);
+    WSGIResponse_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The app's start_response(status, headers, exc_info=None): keeps the status, calls the
+ * server's. */
+static PyObject *
+WSGIResponse_call(WSGIResponse *self, PyObject *args, PyObject *kwargs)
+{
+    if (self->start_response == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "start_response called after the response was closed");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(args) >= 1) {
+        Py_XSETREF(self->status, Py_NewRef(PyTuple_GET_ITEM(args, 0)));
+    }
+    else if (kwargs != NULL) {
+        PyObject *status = PyDict_GetItemString(kwargs, "status");
+        if (status != NULL) {
+            Py_XSETREF(self->status, Py_NewRef(status));
+        }
+    }
+    PyObject *start_response = Py_NewRef(self->start_response);
+    PyObject *result = PyObject_Call(start_response, args, kwargs);
+    Py_DECREF(start_response);
+    return result;
+}
+
+static PyObject *
+WSGIResponse_iter(WSGIResponse *self)
+{
+    if (self->iterator == NULL && self->iterable != NULL) {
+        self->iterator = PyObject_GetIter(self->iterable);
+        if (self->iterator == NULL) {
+            return NULL;
+        }
+    }
+    return Py_NewRef(self);
+}
+
+/* The app's body, chunk by chunk, untouched; a body that fails half-way makes the request a
+ * server error (it was a 200 at start_response), as on ASGI. */
+static PyObject *
+WSGIResponse_next(WSGIResponse *self)
+{
+    if (self->iterator == NULL) {
+        if (self->iterable == NULL) {
+            return NULL; /* closed: exhausted */
+        }
+        self->iterator = PyObject_GetIter(self->iterable);
+        if (self->iterator == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *item = (*Py_TYPE(self->iterator)->tp_iternext)(self->iterator);
+    if (item == NULL && PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_StopIteration) &&
+        PyErr_ExceptionMatches(PyExc_Exception)) {
+        Py_XSETREF(self->status, Py_NewRef(str_500));
+    }
+    return item;
+}
+
+/* close(): the app's close() exactly once, then the request is recorded (also when the app's
+ * close() raises: its exception propagates after). */
+static PyObject *
+WSGIResponse_close(WSGIResponse *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->closed) {
+        Py_RETURN_NONE;
+    }
+    PyObject *failed_type = NULL, *failed_value = NULL, *failed_tb = NULL;
+    if (self->iterable != NULL) {
+        PyObject *close;
+        PyObject *iterable = Py_NewRef(self->iterable);
+        int found = lookup_attr(iterable, key_close, &close);
+        Py_DECREF(iterable);
+        if (found > 0) {
+            PyObject *result = PyObject_CallNoArgs(close);
+            Py_DECREF(close);
+            Py_XDECREF(result);
+        }
+        if (PyErr_Occurred()) {
+            PyErr_Fetch(&failed_type, &failed_value, &failed_tb);
+        }
+    }
+    response_finish(self);
+    if (failed_type != NULL) {
+        PyErr_Restore(failed_type, failed_value, failed_tb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef WSGIResponse_methods[] = {
+    {"close", (PyCFunction)WSGIResponse_close, METH_NOARGS,
+     "Close the app's iterable (once) and record the request."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WSGIResponseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memwatch._speedups.WSGIResponse",
+    .tp_doc = "The app's response iterable, passed through untouched; also its start_response.",
+    .tp_basicsize = sizeof(WSGIResponse),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)WSGIResponse_dealloc,
+    .tp_traverse = (traverseproc)WSGIResponse_traverse,
+    .tp_clear = (inquiry)WSGIResponse_clear,
+    .tp_call = (ternaryfunc)WSGIResponse_call,
+    .tp_iter = (getiterfunc)WSGIResponse_iter,
+    .tp_iternext = (iternextfunc)WSGIResponse_next,
+    .tp_methods = WSGIResponse_methods,
+};
+
+/* The Python path: self._call_python(environ, start_response) for the whole request (entry
+ * NULL), or self._respond(environ, start_response, entry) once the entry is known. */
+static PyObject *
+respond_python(WSGIBase *self, PyObject *environ, PyObject *start_response, PyObject *entry)
+{
+    PyObject *args[4] = {(PyObject *)self, environ, start_response, entry};
+    if (entry == NULL) {
+        return PyObject_VectorcallMethod(key_call_python, args,
+                                         3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    return PyObject_VectorcallMethod(key_respond, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     NULL);
+}
+
+/* Whether the request is for one of memwatch's own paths (Endpoints.handles). -1: error. */
+static int
+own_path(WSGIBase *self, PyObject *environ)
+{
+    PyObject *path = PyDict_GetItemWithError(environ, key_path_info);
+    if (path == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        path = str_root;
+    }
+    if (!PyUnicode_CheckExact(path)) {
+        return 1; /* unusual: let the Python path decide */
+    }
+    if (PyUnicode_GET_LENGTH(path) == 0) {
+        path = str_root;
+    }
+    if (self->metrics_path != Py_None) {
+        int same = PyUnicode_Compare(path, self->metrics_path) == 0;
+        if (same) {
+            return 1;
+        }
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    Py_ssize_t starts = PyUnicode_Tailmatch(path, self->report_path, 0, PY_SSIZE_T_MAX, -1);
+    return starts < 0 ? -1 : (int)starts;
+}
+
+static PyObject *
+WSGIBase_call(WSGIBase *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *environ, *start_response;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "a WSGI application takes (environ, start_response)");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "__call__", 2, 2, &environ, &start_response)) {
+        return NULL;
+    }
+    if (!self->fast || self->monitor == NULL || self->app == NULL ||
+        self->metrics_path == NULL || !PyDict_CheckExact(environ)) {
+        return respond_python(self, environ, start_response, NULL);
+    }
+    PyObject *monitor = self->monitor;
+    int own = own_path(self, environ);
+    if (own != 0) {
+        if (own < 0) {
+            PyErr_Clear();
+        }
+        return respond_python(self, environ, start_response, NULL);
+    }
+    /* Monitor.request_entry(): the request's number, and whether anything is due at it. */
+    PyObject *entry = Py_NewRef(Py_None);
+    PyObject *tickets = PyObject_GetAttr(monitor, key_tickets);
+    PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
+    Py_XDECREF(tickets);
+    PyObject *next_event = ticket == NULL ? NULL : PyObject_GetAttr(monitor, key_next_event);
+    int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
+    Py_XDECREF(next_event);
+    if (due > 0) {
+        PyObject *probe = PyObject_CallMethodOneArg(monitor, key_event, ticket);
+        if (probe == NULL) {
+            count_error(monitor, str_wsgi_entry);
+        }
+        else {
+            Py_SETREF(entry, probe);
+        }
+    }
+    else if (due < 0) {
+        count_error(monitor, str_wsgi_entry);
+    }
+    Py_XDECREF(ticket);
+    int slow = entry != Py_None;
+    if (!slow) {
+        PyObject *diagnosis = PyObject_GetAttr(monitor, key_diagnosis);
+        PyObject *window = diagnosis == NULL ? NULL : PyObject_GetAttr(diagnosis, key_window);
+        Py_XDECREF(diagnosis);
+        if (window == NULL) {
+            count_error(monitor, str_wsgi_entry);
+        }
+        else {
+            slow = window != Py_None;
+            Py_DECREF(window);
+        }
+    }
+    if (slow) {
+        PyObject *result = respond_python(self, environ, start_response, entry);
+        Py_DECREF(entry);
+        return result;
+    }
+    Py_DECREF(entry);
+    WSGIResponse *response = PyObject_GC_New(WSGIResponse, &WSGIResponseType);
+    if (response == NULL) {
+        return NULL;
+    }
+    response->owner = (WSGIBase *)Py_NewRef(self);
+    response->environ = Py_NewRef(environ);
+    response->start_response = Py_NewRef(start_response);
+    response->iterable = NULL;
+    response->iterator = NULL;
+    response->status = NULL;
+    response->closed = 0;
+    PyObject_GC_Track(response);
+    PyObject *app = Py_NewRef(self->app);
+    PyObject *call_args[2] = {environ, (PyObject *)response};
+    PyObject *result = PyObject_Vectorcall(app, call_args, 2, NULL);
+    Py_DECREF(app);
+    if (result == NULL) {
+        /* The app's exception: the request counts as a server error, then it propagates. */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        Py_XSETREF(response->status, Py_NewRef(str_500));
+        response_finish(response);
+        Py_DECREF(response);
+        PyErr_Restore(type, value, traceback);
+        return NULL;
+    }
+    PyObject *file_wrapper = PyDict_GetItemWithError(environ, key_file_wrapper);
+    if (file_wrapper == NULL && PyErr_Occurred()) {
+        count_error(monitor, str_wsgi_finish);
+    }
+    else if (file_wrapper != NULL && PyType_Check(file_wrapper)) {
+        int is_file = PyObject_IsInstance(result, file_wrapper);
+        if (is_file < 0) {
+            count_error(monitor, str_wsgi_finish);
+        }
+        else if (is_file) {
+            /* Keep the server's zero-copy path (sendfile): count the request now. */
+            response_finish(response);
+            Py_DECREF(response);
+            return result;
+        }
+    }
+    response->iterable = result; /* the reference is the response's now */
+    return (PyObject *)response;
+}
+
+static PyMethodDef WSGIBase_methods[] = {
+    {"_wsgi_setup", (PyCFunction)WSGIBase_setup, METH_VARARGS,
+     "_wsgi_setup(metrics_path, report_path, unmatched, fast): set up the compiled path."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef WSGIBase_members[] = {
+    {"app", T_OBJECT, offsetof(WSGIBase, app), 0, "The wrapped WSGI application."},
+    {"monitor", T_OBJECT, offsetof(WSGIBase, monitor), 0, "The monitor requests go to."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject WSGIBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memwatch._speedups.WSGIBase",
+    .tp_doc = "Compiled base of memwatch.wsgi.WSGIMiddleware (its fast path).",
+    .tp_basicsize = sizeof(WSGIBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)WSGIBase_dealloc,
+    .tp_traverse = (traverseproc)WSGIBase_traverse,
+    .tp_clear = (inquiry)WSGIBase_clear,
+    .tp_call = (ternaryfunc)WSGIBase_call,
+    .tp_methods = WSGIBase_methods,
+    .tp_members = WSGIBase_members,
+};
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "memwatch._speedups",
@@ -808,17 +1326,31 @@ PyInit__speedups(void)
         intern(&key_context, "effective_route_context") < 0 ||
         intern(&key_original_route, "original_route") < 0 ||
         intern(&key_root_path, "root_path") < 0 || intern(&key_app, "app") < 0 ||
-        intern(&str_unmatched, "__unmatched__") < 0 || intern(&str_root, "/") < 0) {
+        intern(&str_unmatched, "__unmatched__") < 0 || intern(&str_root, "/") < 0 ||
+        intern(&key_path_info, "PATH_INFO") < 0 ||
+        intern(&key_file_wrapper, "wsgi.file_wrapper") < 0 ||
+        intern(&key_tickets, "_tickets") < 0 || intern(&key_next_event, "_next_event") < 0 ||
+        intern(&key_event, "_event") < 0 || intern(&key_diagnosis, "diagnosis") < 0 ||
+        intern(&key_window, "window") < 0 || intern(&key_recorder, "recorder") < 0 ||
+        intern(&key_record_environ, "record_environ") < 0 ||
+        intern(&key_errors, "errors") < 0 || intern(&key_record, "record") < 0 ||
+        intern(&key_respond, "_respond") < 0 || intern(&str_500, "500") < 0 ||
+        intern(&str_wsgi_entry, "wsgi.entry") < 0 || intern(&str_wsgi_finish, "wsgi.finish") < 0 ||
+        intern(&key_close, "close") < 0 || intern(&str_record_environ, "record_environ") < 0 ||
+        intern(&key_call_python, "_call_python") < 0) {
         return NULL;
     }
-    if (PyType_Ready(&RecorderType) < 0) {
+    if (PyType_Ready(&RecorderType) < 0 || PyType_Ready(&WSGIResponseType) < 0 ||
+        PyType_Ready(&WSGIBaseType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(module, "Recorder", (PyObject *)&RecorderType) < 0) {
+    if (PyModule_AddObjectRef(module, "Recorder", (PyObject *)&RecorderType) < 0 ||
+        PyModule_AddObjectRef(module, "WSGIBase", (PyObject *)&WSGIBaseType) < 0 ||
+        PyModule_AddObjectRef(module, "WSGIResponse", (PyObject *)&WSGIResponseType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -41,7 +41,7 @@ from memwatch.detector import MAX_CONCURRENCY, MIN_POINTS, CollectCheck, Detecto
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
 from memwatch.recorder import Recorder, make_recorder
-from memwatch.routes import OTHER, RouteTable, normalize_path
+from memwatch.routes import RouteTable, normalize_path
 from memwatch.signals import Sample, SampleRing, Signals
 from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
 

@@ -19,6 +19,7 @@ API key) and calls the reference for everything else, so it can never classify d
 
 from __future__ import annotations
 
+import types
 import typing as t
 from collections.abc import Callable
 
@@ -29,8 +30,9 @@ __all__ = ["PyRecorder", "Recorder", "compiled_available", "make_recorder"]
 
 Append = Callable[[tuple[t.Any, ...]], object]
 
+_speedups: types.ModuleType | None
 try:
-    from memwatch import _speedups  # type: ignore[attr-defined]
+    from memwatch import _speedups
 except ImportError:  # not built (no compiler at install time): the pure-Python path
     _speedups = None
 

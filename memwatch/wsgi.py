@@ -128,7 +128,21 @@ class EnvironRecorder:
             return INTERNAL_ERROR
 
 
-class WSGIMiddleware(EnvironRecorder):
+# The compiled base (memwatch/_speedups.c) serves the common request in C and hands every other
+# one to the Python methods below; without it, WSGIMiddleware is plain Python.
+if t.TYPE_CHECKING:
+    from memwatch._speedups import WSGIBase as _CompiledBase
+
+    _COMPILED: bool
+else:
+    try:
+        from memwatch._speedups import WSGIBase as _CompiledBase
+    except ImportError:  # not built: the pure-Python path
+        _CompiledBase = object
+    _COMPILED = _CompiledBase is not object
+
+
+class WSGIMiddleware(_CompiledBase, EnvironRecorder):
     """Wraps a WSGI application.
 
     :param app: The WSGI application.
@@ -160,11 +174,22 @@ class WSGIMiddleware(EnvironRecorder):
             config, registry=registry, signals=signals, on_leak=on_leak, on_clear=on_clear
         )
         self._enabled = config.enabled
-        super().__init__(memwatch, install_route_hooks(app) if self._enabled else None)
+        EnvironRecorder.__init__(
+            self, memwatch, install_route_hooks(app) if self._enabled else None
+        )
+        if _COMPILED:
+            self._wsgi_setup(
+                self._metrics_path,
+                self._report_path,
+                self.framework is not None,
+                self._enabled and config.speedups,
+            )
         if self._enabled:
             self.memwatch.log_startup(app, "WSGI")
 
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    def _call_python(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """The whole request in Python: ``__call__`` without the compiled base, and what the
+        compiled base hands over (memwatch's own paths, ``speedups=False``, unusual environs)."""
         if not self._enabled:
             return self.app(environ, start_response)
         path = environ.get("PATH_INFO") or "/"
@@ -178,6 +203,16 @@ class WSGIMiddleware(EnvironRecorder):
         except Exception as exc:
             self.monitor.errors.record("wsgi.entry", exc)
             entry = None
+        return self._respond(environ, start_response, entry)
+
+    if not t.TYPE_CHECKING and not _COMPILED:  # no compiled base: requests start in Python
+        __call__ = _call_python
+
+    def _respond(
+        self, environ: Environ, start_response: StartResponse, entry: Probe | None
+    ) -> Iterable[bytes]:
+        """The request from its entry on, in Python: measured requests, diagnosis windows, and
+        every request without the compiled base."""
         response = _Response(self, environ, start_response, entry)
         if self.monitor.diagnosis.window is not None:
             response.tag = self.tag_request(environ)

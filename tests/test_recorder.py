@@ -306,3 +306,76 @@ def test_property_configured_names_match_the_reference(
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     same_scope(scope_of(raw, query.encode("latin-1")), config)
     same_environ(environ_of(dict(headers), query), config)
+
+
+# --- the compiled WSGI path -------------------------------------------------------------------
+
+
+def _wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+@needs_compiled
+def test_wsgi_middleware_is_served_by_the_compiled_base() -> None:
+    import memwatch
+    from memwatch._speedups import WSGIBase, WSGIResponse
+
+    mw = memwatch.WSGIMiddleware(_wsgi_app, log_startup=False, request_sample_rate=0.0)
+    assert type(mw).__call__ is WSGIBase.__call__
+    seen: list[str] = []
+    body = mw({"PATH_INFO": "/x", "REQUEST_METHOD": "GET"}, lambda s, h, e=None: seen.append(s))
+    assert type(body) is WSGIResponse and list(body) == [b"ok"] and seen == ["200 OK"]
+    body.close()  # type: ignore[attr-defined]
+    snapshot = mw.monitor.snapshot()
+    assert snapshot.counts == {("/x", "GET", "anonymous", "ok"): 1}
+    # Closed: the app's start_response must not reach the server any more.
+    with pytest.raises(RuntimeError, match="after the response was closed"):
+        body("200 OK", [])  # type: ignore[operator]
+
+
+@needs_compiled
+def test_wsgi_setting_the_app_later_is_honoured() -> None:
+    import memwatch
+
+    mw = memwatch.WSGIMiddleware(_wsgi_app, log_startup=False)
+
+    def other(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("201 Created", [])
+        return [b"other"]
+
+    mw.app = other
+    body = mw({"PATH_INFO": "/x"}, lambda s, h, e=None: None)
+    assert list(body) == [b"other"]
+
+
+@pytest.mark.slow
+def test_pure_python_path_passes_the_middleware_suites() -> None:
+    # The same middleware, endpoint and framework tests with MEMWATCH_SPEEDUPS=0: the Python
+    # path (the reference, and what runs where the extension is not built) stays correct.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, MEMWATCH_SPEEDUPS="0")
+    suites = [
+        "test_wsgi.py",
+        "test_asgi.py",
+        "test_frameworks_flask.py",
+        "test_frameworks_starlette.py",
+        "test_frameworks_django.py",
+        "test_faults.py",
+        "test_endpoints.py",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+        + [str(tests / name) for name in suites],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout

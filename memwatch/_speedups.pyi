@@ -1,0 +1,43 @@
+# Types of the compiled module memwatch/_speedups.c (optional: see memwatch/recorder.py).
+from collections.abc import Callable, Iterable
+from typing import Any
+
+class Recorder:
+    def __init__(
+        self,
+        *,
+        append: Callable[[tuple[Any, ...]], object],
+        classify_scope: Callable[[Any], tuple[str, str | None]],
+        classify_environ: Callable[[dict[str, object]], tuple[str, str | None]],
+        fingerprint: Callable[[bytes | str], int],
+        apikey_raw: tuple[bytes, ...],
+        apikey_environ: tuple[str, ...],
+        query_needles: tuple[bytes, ...],
+        cookie_needles: tuple[bytes, ...],
+        blank: bytes,
+        salt: int | None,
+        mix: bool,
+    ) -> None: ...
+    def finish_scope(self, scope: Any, status: int, root_path: str, unmatched: bool) -> bool: ...
+    def record_scope(
+        self, scope: Any, template: str | None, path: str | None, status: int
+    ) -> None: ...
+    def record_environ(
+        self, environ: dict[str, Any], template: str | None, path: str | None, status: str | None
+    ) -> None: ...
+
+class WSGIBase:
+    app: Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+    monitor: Any
+    def _wsgi_setup(
+        self, metrics_path: str | None, report_path: str, unmatched: bool, fast: bool
+    ) -> None: ...
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]: ...
+
+class WSGIResponse:
+    def __call__(self, status: str, headers: Any, exc_info: Any = None) -> Any: ...
+    def __iter__(self) -> WSGIResponse: ...
+    def __next__(self) -> bytes: ...
+    def close(self) -> None: ...
