@@ -198,24 +198,56 @@ lower_ascii(unsigned char c)
  * latin-1 character never makes or unmakes an ASCII one, nor changes the length. A needle with
  * a non-ASCII byte counts as found (the reference decides). */
 static int
+needle_at(const unsigned char *text, const unsigned char *needle, Py_ssize_t m)
+{
+    for (Py_ssize_t j = 0; j < m; j++) {
+        if (lower_ascii(text[j]) != needle[j]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int
 any_needle(PyObject *needles, const unsigned char *text, Py_ssize_t n)
 {
-    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(needles); k++) {
+    Py_ssize_t count = PyTuple_GET_SIZE(needles);
+    int all_end_in_equals = 1;
+    for (Py_ssize_t k = 0; k < count; k++) {
         PyObject *needle = PyTuple_GET_ITEM(needles, k);
         const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(needle);
         Py_ssize_t m = PyBytes_GET_SIZE(needle);
         if (m == 0 || !is_ascii(s, m)) {
             return 1;
         }
+        if (s[m - 1] != '=') {
+            all_end_in_equals = 0;
+        }
+    }
+    if (all_end_in_equals) {
+        /* Every needle is "name=": look only where an '=' is (a few per cookie or query). */
+        const unsigned char *at = text, *end = text + n;
+        while (at < end && (at = memchr(at, '=', (size_t)(end - at))) != NULL) {
+            Py_ssize_t i = at - text; /* the '=' */
+            for (Py_ssize_t k = 0; k < count; k++) {
+                PyObject *needle = PyTuple_GET_ITEM(needles, k);
+                Py_ssize_t m = PyBytes_GET_SIZE(needle);
+                if (i + 1 >= m &&
+                    needle_at(text + i + 1 - m, (const unsigned char *)PyBytes_AS_STRING(needle),
+                              m - 1)) {
+                    return 1;
+                }
+            }
+            at++;
+        }
+        return 0;
+    }
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *needle = PyTuple_GET_ITEM(needles, k);
+        const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(needle);
+        Py_ssize_t m = PyBytes_GET_SIZE(needle);
         for (Py_ssize_t i = 0; i + m <= n; i++) {
-            if (lower_ascii(text[i]) != s[0]) {
-                continue;
-            }
-            Py_ssize_t j = 1;
-            while (j < m && lower_ascii(text[i + j]) == s[j]) {
-                j++;
-            }
-            if (j == m) {
+            if (needle_at(text + i, s, m)) {
                 return 1;
             }
         }
@@ -794,7 +826,8 @@ static PyTypeObject RecorderType = {
 static PyObject *key_path_info, *key_file_wrapper, *key_tickets, *key_next_event, *key_event;
 static PyObject *key_diagnosis, *key_window, *key_recorder, *key_record_environ, *key_errors;
 static PyObject *key_record, *key_respond, *str_500, *str_wsgi_entry, *str_wsgi_finish;
-static PyObject *key_close, *str_record_environ, *key_call_python;
+static PyObject *key_close, *str_record_environ, *key_call_python, *key_finish_scope;
+static PyObject *str_empty, *int_zero;
 
 typedef struct {
     PyObject_HEAD
@@ -1296,6 +1329,408 @@ static PyTypeObject WSGIBaseType = {
     .tp_members = WSGIBase_members,
 };
 
+/* --- the ASGI middleware's fast path ------------------------------------------------------
+ *
+ * ASGIFast.enter(scope, send) starts a common HTTP request (not one of memwatch's own paths, no
+ * diagnosis window): it numbers the request (and runs what is due at it, as
+ * Monitor.request_entry does) and returns a StatusSend, the send callable handed to the app,
+ * which keeps the response's status. StatusSend.finish() ends the request: the recorder's
+ * finish_scope, or the middleware's Python finish() for a measured request or a case the
+ * recorder hands back. None from enter() means: serve this request in Python.
+ */
+
+static PyObject *key_type, *key_status, *str_http, *str_response_start, *str_asgi_entry;
+static PyObject *str_asgi_finish, *int_500;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *monitor;
+    PyObject *metrics_path;   /* str or None */
+    PyObject *report_path;    /* str */
+    PyObject *finish_python;  /* the middleware's finish(scope, status, entry, root_path) */
+    int unmatched;
+    int fast;
+} ASGIFast;
+
+typedef struct {
+    PyObject_HEAD
+    ASGIFast *owner;
+    PyObject *send;
+    PyObject *scope;
+    PyObject *root_path;
+    PyObject *entry;
+    PyObject *status;
+    vectorcallfunc vectorcall;
+} StatusSend;
+
+static PyTypeObject StatusSendType;
+
+static int
+ASGIFast_traverse(ASGIFast *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->monitor);
+    Py_VISIT(self->finish_python);
+    return 0;
+}
+
+static int
+ASGIFast_clear(ASGIFast *self)
+{
+    Py_CLEAR(self->monitor);
+    Py_CLEAR(self->metrics_path);
+    Py_CLEAR(self->report_path);
+    Py_CLEAR(self->finish_python);
+    return 0;
+}
+
+static void
+ASGIFast_dealloc(ASGIFast *self)
+{
+    PyObject_GC_UnTrack(self);
+    ASGIFast_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+ASGIFast_init(ASGIFast *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"monitor", "metrics_path", "report_path", "finish", "unmatched",
+                             "fast", NULL};
+    PyObject *monitor, *metrics_path, *report_path, *finish;
+    int unmatched, fast;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOUOpp", kwlist, &monitor, &metrics_path,
+                                     &report_path, &finish, &unmatched, &fast)) {
+        return -1;
+    }
+    if (metrics_path != Py_None && !PyUnicode_Check(metrics_path)) {
+        PyErr_SetString(PyExc_TypeError, "metrics_path must be a str or None");
+        return -1;
+    }
+    Py_XSETREF(self->monitor, Py_NewRef(monitor));
+    Py_XSETREF(self->metrics_path, Py_NewRef(metrics_path));
+    Py_XSETREF(self->report_path, Py_NewRef(report_path));
+    Py_XSETREF(self->finish_python, Py_NewRef(finish));
+    self->unmatched = unmatched;
+    self->fast = fast;
+    return 0;
+}
+
+/* 1: the scope is for one of memwatch's own paths (or unusual): Python; 0: not; -1: error. */
+static int
+asgi_own_path(ASGIFast *self, PyObject *scope)
+{
+    PyObject *path = PyDict_GetItemWithError(scope, key_path);
+    if (path == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        path = str_root;
+    }
+    if (!PyUnicode_CheckExact(path)) {
+        return 1;
+    }
+    if (PyUnicode_GET_LENGTH(path) == 0) {
+        path = str_root;
+    }
+    if (self->metrics_path != Py_None) {
+        int same = PyUnicode_Compare(path, self->metrics_path) == 0;
+        if (same) {
+            return 1;
+        }
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    Py_ssize_t starts = PyUnicode_Tailmatch(path, self->report_path, 0, PY_SSIZE_T_MAX, -1);
+    return starts < 0 ? -1 : (int)starts;
+}
+
+static PyObject *StatusSend_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                       PyObject *kwnames);
+
+/* enter(scope, send) -> StatusSend | None; never raises (memwatch's failures are counted). */
+static PyObject *
+ASGIFast_enter(ASGIFast *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "enter() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *scope = args[0], *send = args[1];
+    if (!self->fast || self->monitor == NULL || !PyDict_CheckExact(scope)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *monitor = self->monitor;
+    PyObject *type = PyDict_GetItemWithError(scope, key_type);
+    if (type == NULL || !PyUnicode_CheckExact(type) ||
+        (type != str_http && PyUnicode_Compare(type, str_http) != 0)) {
+        PyErr_Clear();
+        Py_RETURN_NONE; /* lifespan, websocket, anything odd: straight through in Python */
+    }
+    int own = asgi_own_path(self, scope);
+    if (own != 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *diagnosis = PyObject_GetAttr(monitor, key_diagnosis);
+    PyObject *window = diagnosis == NULL ? NULL : PyObject_GetAttr(diagnosis, key_window);
+    Py_XDECREF(diagnosis);
+    if (window == NULL) {
+        count_error(monitor, str_asgi_entry);
+        Py_RETURN_NONE;
+    }
+    int in_window = window != Py_None;
+    Py_DECREF(window);
+    if (in_window) {
+        Py_RETURN_NONE; /* the Python path tags the request for the window */
+    }
+    PyObject *entry = Py_NewRef(Py_None);
+    PyObject *tickets = PyObject_GetAttr(monitor, key_tickets);
+    PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
+    Py_XDECREF(tickets);
+    PyObject *next_event = ticket == NULL ? NULL : PyObject_GetAttr(monitor, key_next_event);
+    int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
+    Py_XDECREF(next_event);
+    if (due > 0) {
+        PyObject *probe = PyObject_CallMethodOneArg(monitor, key_event, ticket);
+        if (probe == NULL) {
+            count_error(monitor, str_asgi_entry);
+        }
+        else {
+            Py_SETREF(entry, probe);
+        }
+    }
+    else if (due < 0) {
+        count_error(monitor, str_asgi_entry);
+    }
+    Py_XDECREF(ticket);
+    PyObject *root_path = PyDict_GetItemWithError(scope, key_root_path);
+    if (root_path == NULL) {
+        PyErr_Clear();
+        root_path = str_empty;
+    }
+    else {
+        int truthy = PyObject_IsTrue(root_path);
+        if (truthy <= 0) {
+            PyErr_Clear();
+            root_path = str_empty;
+        }
+    }
+    StatusSend *sender = PyObject_GC_New(StatusSend, &StatusSendType);
+    if (sender == NULL) {
+        Py_DECREF(entry);
+        count_error(monitor, str_asgi_entry);
+        Py_RETURN_NONE;
+    }
+    sender->owner = (ASGIFast *)Py_NewRef(self);
+    sender->send = Py_NewRef(send);
+    sender->scope = Py_NewRef(scope);
+    sender->root_path = Py_NewRef(root_path);
+    sender->entry = entry;
+    sender->status = Py_NewRef(int_zero);
+    sender->vectorcall = StatusSend_vectorcall;
+    PyObject_GC_Track(sender);
+    return (PyObject *)sender;
+}
+
+static PyMethodDef ASGIFast_methods[] = {
+    {"enter", (PyCFunction)(void (*)(void))ASGIFast_enter, METH_FASTCALL,
+     "enter(scope, send) -> StatusSend | None: start a request on the fast path."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ASGIFastType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memwatch._speedups.ASGIFast",
+    .tp_doc = "The compiled fast path of memwatch.asgi.ASGIMiddleware.",
+    .tp_basicsize = sizeof(ASGIFast),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ASGIFast_init,
+    .tp_dealloc = (destructor)ASGIFast_dealloc,
+    .tp_traverse = (traverseproc)ASGIFast_traverse,
+    .tp_clear = (inquiry)ASGIFast_clear,
+    .tp_methods = ASGIFast_methods,
+};
+
+static int
+StatusSend_traverse(StatusSend *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(self->send);
+    Py_VISIT(self->scope);
+    Py_VISIT(self->entry);
+    Py_VISIT(self->status);
+    return 0;
+}
+
+static int
+StatusSend_clear(StatusSend *self)
+{
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->root_path);
+    Py_CLEAR(self->entry);
+    Py_CLEAR(self->status);
+    return 0;
+}
+
+static void
+StatusSend_dealloc(StatusSend *self)
+{
+    PyObject_GC_UnTrack(self);
+    StatusSend_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* send(message): keeps the status of http.response.start, returns the server's awaitable. */
+static PyObject *
+StatusSend_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                      PyObject *kwnames)
+{
+    StatusSend *self = (StatusSend *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "send() takes one message");
+        return NULL;
+    }
+    if (self->send == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "send() called after the request finished");
+        return NULL;
+    }
+    PyObject *message = args[0];
+    PyObject *type = PyObject_GetItem(message, key_type); /* message["type"], as the app's */
+    if (type == NULL) {
+        return NULL;
+    }
+    int start = type == str_response_start;
+    if (!start && PyUnicode_Check(type)) {
+        start = PyUnicode_Compare(type, str_response_start) == 0;
+    }
+    else if (!start) {
+        start = PyObject_RichCompareBool(type, str_response_start, Py_EQ);
+        if (start < 0) {
+            Py_DECREF(type);
+            return NULL;
+        }
+    }
+    Py_DECREF(type);
+    if (start) {
+        PyObject *status = PyObject_GetItem(message, key_status);
+        if (status == NULL) {
+            return NULL;
+        }
+        Py_XSETREF(self->status, status);
+    }
+    PyObject *send = Py_NewRef(self->send);
+    PyObject *result = PyObject_Vectorcall(send, args, 1, NULL);
+    Py_DECREF(send);
+    return result;
+}
+
+static PyObject *
+StatusSend_failed(StatusSend *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_XSETREF(self->status, Py_NewRef(int_500));
+    Py_RETURN_NONE;
+}
+
+/* finish(): records the request (once); never raises. */
+static PyObject *
+StatusSend_finish(StatusSend *self, PyObject *Py_UNUSED(ignored))
+{
+    ASGIFast *owner = self->owner;
+    PyObject *scope = self->scope;
+    if (owner == NULL || scope == NULL) {
+        Py_RETURN_NONE;
+    }
+    self->scope = NULL; /* finished: the reference is dropped below */
+    PyObject *status = self->status;
+    int truthy = PyObject_IsTrue(status);
+    if (truthy < 0) {
+        PyErr_Clear();
+        truthy = 0;
+    }
+    if (!truthy) {
+        status = int_500;
+    }
+    Py_INCREF(status);
+    PyObject *result = NULL;
+    if (self->entry == Py_None) {
+        PyObject *recorder = PyObject_GetAttr(owner->monitor, key_recorder);
+        if (recorder != NULL) {
+            PyObject *args[4] = {scope, status, self->root_path,
+                                 owner->unmatched ? Py_True : Py_False};
+            if (Py_TYPE(recorder) == &RecorderType) {
+                result = Recorder_finish_scope((Recorder *)recorder, args, 4);
+            }
+            else {
+                PyObject *method = PyObject_GetAttr(recorder, key_finish_scope);
+                if (method != NULL) {
+                    result = PyObject_Vectorcall(method, args, 4, NULL);
+                    Py_DECREF(method);
+                }
+            }
+            Py_DECREF(recorder);
+        }
+        if (result != NULL && result != Py_True) {
+            int done = PyObject_IsTrue(result);
+            Py_CLEAR(result);
+            if (done == 0) {
+                PyObject *args[4] = {scope, status, Py_None, self->root_path};
+                result = PyObject_Vectorcall(owner->finish_python, args, 4, NULL);
+            }
+        }
+    }
+    else {
+        PyObject *args[4] = {scope, status, self->entry, self->root_path};
+        result = PyObject_Vectorcall(owner->finish_python, args, 4, NULL);
+    }
+    if (result == NULL) {
+        count_error(owner->monitor, str_asgi_finish);
+    }
+    Py_XDECREF(result);
+    Py_DECREF(status);
+    Py_DECREF(scope);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->entry);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef StatusSend_methods[] = {
+    {"failed", (PyCFunction)StatusSend_failed, METH_NOARGS,
+     "The app raised: the request is a server error."},
+    {"finish", (PyCFunction)StatusSend_finish, METH_NOARGS, "Record the request (once)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+StatusSend_get_status(StatusSend *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->status);
+}
+
+static PyGetSetDef StatusSend_getset[] = {
+    {"status", (getter)StatusSend_get_status, NULL, "The status sent so far (0: none).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject StatusSendType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memwatch._speedups.StatusSend",
+    .tp_doc = "The send callable handed to the app: keeps the response's status.",
+    .tp_basicsize = sizeof(StatusSend),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(StatusSend, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)StatusSend_dealloc,
+    .tp_traverse = (traverseproc)StatusSend_traverse,
+    .tp_clear = (inquiry)StatusSend_clear,
+    .tp_methods = StatusSend_methods,
+    .tp_getset = StatusSend_getset,
+};
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "memwatch._speedups",
@@ -1337,11 +1772,22 @@ PyInit__speedups(void)
         intern(&key_respond, "_respond") < 0 || intern(&str_500, "500") < 0 ||
         intern(&str_wsgi_entry, "wsgi.entry") < 0 || intern(&str_wsgi_finish, "wsgi.finish") < 0 ||
         intern(&key_close, "close") < 0 || intern(&str_record_environ, "record_environ") < 0 ||
-        intern(&key_call_python, "_call_python") < 0) {
+        intern(&key_call_python, "_call_python") < 0 ||
+        intern(&key_finish_scope, "finish_scope") < 0 || intern(&str_empty, "") < 0 ||
+        intern(&key_type, "type") < 0 || intern(&key_status, "status") < 0 ||
+        intern(&str_http, "http") < 0 ||
+        intern(&str_response_start, "http.response.start") < 0 ||
+        intern(&str_asgi_entry, "asgi.entry") < 0 || intern(&str_asgi_finish, "asgi.finish") < 0) {
+        return NULL;
+    }
+    int_zero = PyLong_FromLong(0);
+    int_500 = PyLong_FromLong(500);
+    if (int_zero == NULL || int_500 == NULL) {
         return NULL;
     }
     if (PyType_Ready(&RecorderType) < 0 || PyType_Ready(&WSGIResponseType) < 0 ||
-        PyType_Ready(&WSGIBaseType) < 0) {
+        PyType_Ready(&WSGIBaseType) < 0 || PyType_Ready(&ASGIFastType) < 0 ||
+        PyType_Ready(&StatusSendType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -1350,7 +1796,9 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "Recorder", (PyObject *)&RecorderType) < 0 ||
         PyModule_AddObjectRef(module, "WSGIBase", (PyObject *)&WSGIBaseType) < 0 ||
-        PyModule_AddObjectRef(module, "WSGIResponse", (PyObject *)&WSGIResponseType) < 0) {
+        PyModule_AddObjectRef(module, "WSGIResponse", (PyObject *)&WSGIResponseType) < 0 ||
+        PyModule_AddObjectRef(module, "ASGIFast", (PyObject *)&ASGIFastType) < 0 ||
+        PyModule_AddObjectRef(module, "StatusSend", (PyObject *)&StatusSendType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -1,5 +1,5 @@
 # Types of the compiled module memwatch/_speedups.c (optional: see memwatch/recorder.py).
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 class Recorder:
@@ -41,3 +41,23 @@ class WSGIResponse:
     def __iter__(self) -> WSGIResponse: ...
     def __next__(self) -> bytes: ...
     def close(self) -> None: ...
+
+class ASGIFast:
+    def __init__(
+        self,
+        *,
+        monitor: Any,
+        metrics_path: str | None,
+        report_path: str,
+        finish: Callable[..., None],
+        unmatched: bool,
+        fast: bool,
+    ) -> None: ...
+    def enter(self, scope: Any, send: Callable[[Any], Awaitable[None]]) -> StatusSend | None: ...
+
+class StatusSend:
+    @property
+    def status(self) -> Any: ...
+    def __call__(self, message: Any) -> Awaitable[None]: ...
+    def failed(self) -> None: ...
+    def finish(self) -> None: ...

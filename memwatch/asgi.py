@@ -22,7 +22,7 @@ from memwatch.endpoints import INTERNAL_ERROR, EndpointRequest, EndpointResponse
 from memwatch.routes import ROUTE_KEY, UNMATCHED, install_route_hooks, starlette_template
 
 if t.TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable
 
     from prometheus_client import CollectorRegistry
 
@@ -33,6 +33,28 @@ if t.TYPE_CHECKING:
     from memwatch.signals import Signals
 
 _FORWARD_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+class _Sender(t.Protocol):
+    """The ``send`` the compiled fast path hands to the app (``memwatch._speedups.StatusSend``):
+    it keeps the response's status and records the request when finished."""
+
+    def __call__(self, message: Message) -> Awaitable[None]: ...
+
+    def failed(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+_ASGIFast: t.Any
+try:
+    from memwatch._speedups import ASGIFast as _ASGIFast
+except ImportError:  # not built: every request takes the Python path
+    _ASGIFast = None
+
+
+def _python_only(scope: Scope, send: Send) -> _Sender | None:
+    return None
 
 
 class ASGIMiddleware:
@@ -75,10 +97,38 @@ class ASGIMiddleware:
         self.framework = install_route_hooks(app) if self._enabled else None
         # A 404 without a template is "__unmatched__" when a framework routes the requests.
         self._unmatched = self.framework is not None
+        self._enter: Callable[[Scope, Send], _Sender | None] = _python_only
+        if _ASGIFast is not None:
+            self._enter = _ASGIFast(
+                monitor=self.monitor,
+                metrics_path=self._metrics_path,
+                report_path=self._report_path,
+                finish=self.finish,
+                unmatched=self._unmatched,
+                fast=self._enabled and self.config.speedups,
+            ).enter
         if self._enabled:
             self.memwatch.log_startup(app, "ASGI")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The common request: numbered, observed and recorded by the compiled fast path
+        # (memwatch._speedups.ASGIFast); None hands the request to the Python path.
+        sender = self._enter(scope, send)
+        if sender is None:
+            await self._call_python(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, sender)
+        except Exception:
+            sender.failed()
+            raise
+        finally:
+            sender.finish()
+
+    async def _call_python(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The whole request in Python: lifespan and websocket scopes, memwatch's own paths,
+        diagnosis windows, and every request without the compiled module or with
+        ``speedups=False``."""
         if scope["type"] != "http" or not self._enabled:
             await self.app(scope, receive, send)
             return
