@@ -14,6 +14,7 @@ unchanged; memwatch's own failures are caught and counted, and the request goes 
 
 from __future__ import annotations
 
+import inspect
 import typing as t
 from collections.abc import Iterable, Iterator
 
@@ -142,6 +143,25 @@ else:
     _COMPILED = _CompiledBase is not object
 
 
+class _CallSignature:
+    """``__signature__`` of the instances: ``(environ, start_response)``, what the compiled
+    ``__call__`` (a slot, whose signature inspect cannot read) takes. Tools that tell WSGI from
+    ASGI by the parameters (asgiref, memwatch.detect_protocol) read it. The class itself keeps
+    its constructor's signature (AttributeError on the class sends inspect the usual way)."""
+
+    _signature = inspect.Signature(
+        [
+            inspect.Parameter("environ", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("start_response", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        ]
+    )
+
+    def __get__(self, instance: object, owner: type | None = None) -> inspect.Signature:
+        if instance is None:
+            raise AttributeError("__signature__")
+        return self._signature
+
+
 class WSGIMiddleware(_CompiledBase, EnvironRecorder):
     """Wraps a WSGI application.
 
@@ -205,8 +225,11 @@ class WSGIMiddleware(_CompiledBase, EnvironRecorder):
             entry = None
         return self._respond(environ, start_response, entry)
 
-    if not t.TYPE_CHECKING and not _COMPILED:  # no compiled base: requests start in Python
-        __call__ = _call_python
+    if not t.TYPE_CHECKING:
+        if _COMPILED:
+            __signature__ = _CallSignature()
+        else:  # no compiled base: requests start in Python
+            __call__ = _call_python
 
     def _respond(
         self, environ: Environ, start_response: StartResponse, entry: Probe | None

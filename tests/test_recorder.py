@@ -379,3 +379,17 @@ def test_pure_python_path_passes_the_middleware_suites() -> None:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+def test_wrapped_apps_keep_their_protocol_signature() -> None:
+    # The compiled __call__ is a slot that inspect cannot read: the instances carry the WSGI
+    # signature so that wrapping a wrapped app (or asgiref) still tells WSGI from ASGI.
+    import inspect
+
+    import memwatch
+
+    mw = memwatch.wrap(_wsgi_app, log_startup=False)
+    assert str(inspect.signature(mw)) == "(environ, start_response)"
+    assert memwatch.detect_protocol(mw) == "wsgi"
+    assert isinstance(memwatch.wrap(mw, log_startup=False), memwatch.WSGIMiddleware)
+    assert "app" in inspect.signature(memwatch.WSGIMiddleware).parameters
