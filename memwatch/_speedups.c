@@ -55,7 +55,20 @@ typedef struct {
     uint64_t salt;
     int use_hash;              /* 0: every fingerprint through the reference (explicit key) */
     int mix;                   /* hash() is not SipHash: mix the fingerprint */
+    /* Tally mode (sketches given): requests are counted here, not queued. */
+    PyObject *sketches;        /* dict: auth scheme -> (registers bytearray, shift) */
+    PyObject *counts;          /* dict: (template, path, method, auth, status) -> count */
+    PyObject *run_key;         /* the label set of the current run of equal requests */
+    Py_ssize_t run_count;
+    PyObject *noted;           /* list: fingerprints sampled for the first-seen filter */
+    uint64_t last_noted;
+    int has_noted;
+    Py_ssize_t dropped;        /* requests not counted: the tally was full (never drained) */
 } Recorder;
+
+#define TALLY_MAX_KEYS 65536
+#define TALLY_MAX_NOTED 65536
+#define FIRST_SEEN_SAMPLING 4
 
 static PyObject *str_bearer, *str_apikey, *str_anonymous, *str_get;
 static PyObject *key_headers, *key_method, *key_query_string;
@@ -74,6 +87,10 @@ Recorder_traverse(Recorder *self, visitproc visit, void *arg)
     Py_VISIT(self->apikey_environ);
     Py_VISIT(self->query_needles);
     Py_VISIT(self->cookie_needles);
+    Py_VISIT(self->sketches);
+    Py_VISIT(self->counts);
+    Py_VISIT(self->run_key);
+    Py_VISIT(self->noted);
     return 0;
 }
 
@@ -88,6 +105,10 @@ Recorder_clear(Recorder *self)
     Py_CLEAR(self->apikey_environ);
     Py_CLEAR(self->query_needles);
     Py_CLEAR(self->cookie_needles);
+    Py_CLEAR(self->sketches);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->run_key);
+    Py_CLEAR(self->noted);
     return 0;
 }
 
@@ -120,17 +141,45 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {
         "append", "classify_scope", "classify_environ", "fingerprint", "apikey_raw",
-        "apikey_environ", "query_needles", "cookie_needles", "blank", "salt", "mix", NULL};
+        "apikey_environ", "query_needles", "cookie_needles", "blank", "salt", "mix",
+        "sketches", NULL};
     PyObject *append, *classify_scope, *classify_environ, *fingerprint;
     PyObject *apikey_raw, *apikey_environ, *query_needles, *cookie_needles, *salt;
+    PyObject *sketches = Py_None;
     Py_buffer blank;
     int mix;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "OOOOO!O!O!O!y*Op", kwlist, &append, &classify_scope,
+            args, kwds, "OOOOO!O!O!O!y*Op|O", kwlist, &append, &classify_scope,
             &classify_environ, &fingerprint, &PyTuple_Type, &apikey_raw, &PyTuple_Type,
             &apikey_environ, &PyTuple_Type, &query_needles, &PyTuple_Type, &cookie_needles,
-            &blank, &salt, &mix)) {
+            &blank, &salt, &mix, &sketches)) {
         return -1;
+    }
+    if (sketches != Py_None) {
+        if (!PyDict_Check(sketches)) {
+            PyBuffer_Release(&blank);
+            PyErr_SetString(PyExc_TypeError, "sketches must be a dict or None");
+            return -1;
+        }
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(sketches, &pos, &key, &value)) {
+            if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 2 ||
+                !PyByteArray_Check(PyTuple_GET_ITEM(value, 0)) ||
+                !PyLong_Check(PyTuple_GET_ITEM(value, 1))) {
+                PyBuffer_Release(&blank);
+                PyErr_SetString(PyExc_TypeError,
+                                "sketches must map schemes to (bytearray, shift)");
+                return -1;
+            }
+            long shift = PyLong_AsLong(PyTuple_GET_ITEM(value, 1));
+            Py_ssize_t size = PyByteArray_GET_SIZE(PyTuple_GET_ITEM(value, 0));
+            if (shift < 46 || shift > 60 || size != ((Py_ssize_t)1 << (64 - shift))) {
+                PyBuffer_Release(&blank);
+                PyErr_SetString(PyExc_ValueError, "a sketch's registers do not match its shift");
+                return -1;
+            }
+        }
     }
     if (blank.len != 256) {
         PyBuffer_Release(&blank);
@@ -171,6 +220,21 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->apikey_environ, Py_NewRef(apikey_environ));
     Py_XSETREF(self->query_needles, Py_NewRef(query_needles));
     Py_XSETREF(self->cookie_needles, Py_NewRef(cookie_needles));
+    Py_CLEAR(self->sketches);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->run_key);
+    Py_CLEAR(self->noted);
+    self->run_count = 0;
+    self->has_noted = 0;
+    self->dropped = 0;
+    if (sketches != Py_None) {
+        self->sketches = Py_NewRef(sketches);
+        self->counts = PyDict_New();
+        self->noted = PyList_New(0);
+        if (self->counts == NULL || self->noted == NULL) {
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -281,11 +345,171 @@ fingerprint_ascii(Recorder *self, const char *data, Py_ssize_t n)
     return PyLong_FromUnsignedLongLong((unsigned long long)value);
 }
 
+/* Whether two label values are the same for counting: identical, or equal str or int. */
+static int
+same_label(PyObject *a, PyObject *b)
+{
+    if (a == b) {
+        return 1;
+    }
+    if (PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b)) {
+        return PyUnicode_GET_LENGTH(a) == PyUnicode_GET_LENGTH(b) &&
+               PyUnicode_Compare(a, b) == 0;
+    }
+    if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
+        int equal = PyObject_RichCompareBool(a, b, Py_EQ);
+        if (equal < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        return equal;
+    }
+    return 0;
+}
+
+/* Folds the current run into the counts. -1 on error. */
+static int
+flush_run(Recorder *self)
+{
+    if (self->run_key == NULL || self->run_count == 0) {
+        return 0;
+    }
+    PyObject *key = self->run_key;
+    Py_ssize_t add = self->run_count;
+    self->run_count = 0;
+    PyObject *current = PyDict_GetItemWithError(self->counts, key);
+    if (current == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (current == NULL && PyDict_GET_SIZE(self->counts) >= TALLY_MAX_KEYS) {
+        self->dropped += add; /* bounded: a host that never drains loses counts, not memory */
+        return 0;
+    }
+    Py_ssize_t total = add;
+    if (current != NULL) {
+        Py_ssize_t have = PyLong_AsSsize_t(current);
+        if (have == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        total += have;
+    }
+    PyObject *value = PyLong_FromSsize_t(total);
+    if (value == NULL) {
+        return -1;
+    }
+    int rc = PyDict_SetItem(self->counts, key, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* Folds a fingerprint into its scheme's HyperLogLog (the register keeps the largest rank) and
+ * samples it for the first-seen filter, as Monitor's drain does for queued records. */
+static int
+tally_fingerprint(Recorder *self, PyObject *auth, PyObject *fp)
+{
+    uint64_t h = (uint64_t)PyLong_AsUnsignedLongLong(fp);
+    if (h == (uint64_t)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *sketch = PyDict_GetItemWithError(self->sketches, auth);
+    if (sketch == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (sketch != NULL) {
+        PyObject *registers = PyTuple_GET_ITEM(sketch, 0);
+        int shift = (int)PyLong_AsLong(PyTuple_GET_ITEM(sketch, 1));
+        uint64_t rest = h & ((((uint64_t)1) << shift) - 1);
+        int bits = 0;
+        while (rest) {
+            bits++;
+            rest >>= 1;
+        }
+        unsigned char rank = (unsigned char)(shift - bits + 1);
+        Py_ssize_t index = (Py_ssize_t)(h >> shift);
+        unsigned char *cells = (unsigned char *)PyByteArray_AS_STRING(registers);
+        if (index < PyByteArray_GET_SIZE(registers) && rank > cells[index]) {
+            cells[index] = rank;
+        }
+    }
+    if (h % FIRST_SEEN_SAMPLING == 0 && !(self->has_noted && self->last_noted == h) &&
+        PyList_GET_SIZE(self->noted) < TALLY_MAX_NOTED) {
+        if (PyList_Append(self->noted, fp) < 0) {
+            return -1;
+        }
+        self->last_noted = h;
+        self->has_noted = 1;
+    }
+    return 0;
+}
+
+/* Counts a request in tally mode; steals fp. */
+static PyObject *
+tally(Recorder *self, PyObject *template, PyObject *path, PyObject *method, PyObject *auth,
+      PyObject *status, PyObject *fp)
+{
+    PyObject *key = self->run_key;
+    if (!(key != NULL &&
+          same_label(PyTuple_GET_ITEM(key, 0), template) &&
+          same_label(PyTuple_GET_ITEM(key, 1), path) &&
+          same_label(PyTuple_GET_ITEM(key, 2), method) &&
+          same_label(PyTuple_GET_ITEM(key, 3), auth) &&
+          same_label(PyTuple_GET_ITEM(key, 4), status))) {
+        if (flush_run(self) < 0) {
+            Py_DECREF(fp);
+            return NULL;
+        }
+        PyObject *labels = PyTuple_Pack(5, template, path, method, auth, status);
+        if (labels == NULL) {
+            Py_DECREF(fp);
+            return NULL;
+        }
+        Py_XSETREF(self->run_key, labels);
+    }
+    self->run_count++;
+    int rc = fp == Py_None ? 0 : tally_fingerprint(self, auth, fp);
+    Py_DECREF(fp);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* take() -> (counts, noted, dropped): what was tallied since the last take, handed over:
+ * {(template, path, method, auth, status): requests}, the fingerprints sampled for the
+ * first-seen filter, and the requests that found the tally full. */
+static PyObject *
+Recorder_take(Recorder *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->counts == NULL) {
+        return Py_BuildValue("({}[]n)", (Py_ssize_t)0);
+    }
+    if (flush_run(self) < 0) {
+        return NULL;
+    }
+    PyObject *counts = PyDict_New();
+    PyObject *noted = PyList_New(0);
+    if (counts == NULL || noted == NULL) {
+        Py_XDECREF(counts);
+        Py_XDECREF(noted);
+        return NULL;
+    }
+    PyObject *old_counts = self->counts, *old_noted = self->noted;
+    self->counts = counts;
+    self->noted = noted;
+    self->has_noted = 0;
+    Py_ssize_t dropped = self->dropped;
+    self->dropped = 0;
+    return Py_BuildValue("(NNn)", old_counts, old_noted, dropped);
+}
+
 /* Appends (template, path, method, auth, status, fingerprint); steals fp. */
 static PyObject *
 enqueue(Recorder *self, PyObject *template, PyObject *path, PyObject *method, PyObject *auth,
         PyObject *status, PyObject *fp)
 {
+    if (self->counts != NULL) {
+        return tally(self, template, path, method, auth, status, fp);
+    }
     PyObject *record = PyTuple_New(6);
     if (record == NULL) {
         Py_DECREF(fp);
@@ -786,6 +1010,8 @@ Recorder_finish_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef Recorder_methods[] = {
+    {"take", (PyCFunction)Recorder_take, METH_NOARGS,
+     "take() -> (counts, noted, dropped): the tally since the last take (tally mode)."},
     {"finish_scope", (PyCFunction)(void (*)(void))Recorder_finish_scope, METH_FASTCALL,
      "finish_scope(scope, status, entry_root_path, unmatched) -> bool: the fast path's end of "
      "an ASGI request (False: the Python path must record it)."},

@@ -17,7 +17,9 @@ class Recorder:
         blank: bytes,
         salt: int | None,
         mix: bool,
+        sketches: dict[str, tuple[bytearray, int]] | None = None,
     ) -> None: ...
+    def take(self) -> tuple[dict[tuple[Any, ...], int], list[int], int]: ...
     def finish_scope(self, scope: Any, status: int, root_path: str, unmatched: bool) -> bool: ...
     def record_scope(
         self, scope: Any, template: str | None, path: str | None, status: int

@@ -21,6 +21,7 @@ import os
 import random
 import threading
 import time
+import typing as t
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,7 +210,6 @@ class Monitor:
         self._pending: collections.deque[Record] = collections.deque(maxlen=PENDING_MAX)
         self.enqueue = self._pending.append
         self.fingerprint = self._fingerprinter.fingerprint
-        self.recorder = self._make_recorder()
         self._reset_state()
         _MONITORS.add(self)
 
@@ -257,6 +257,7 @@ class Monitor:
         self._pending.clear()
         self._tickets = itertools.count()
         self._next_event = 0
+        self.recorder = self._make_recorder()
         self._next_drain = 0
         self._next_probe = self._probe_gap()
         self._last_drain_ticket = 0
@@ -269,14 +270,18 @@ class Monitor:
         self._drain_lock = threading.Lock()
         self._fingerprinter = Fingerprinter()
         self.fingerprint = self._fingerprinter.fingerprint
-        self.recorder = self._make_recorder()
         self._reset_state()
 
     def _make_recorder(self) -> Recorder:
-        """The fast path's recorder: classifies, fingerprints and queues a request in one call
-        (compiled when ``memwatch._speedups`` is built and ``config.speedups`` allows it)."""
+        """The fast path's recorder: classifies, fingerprints and counts (compiled) or queues
+        (Python) a request in one call; compiled when ``memwatch._speedups`` is built and
+        ``config.speedups`` allows it. Made with the state it counts into."""
         return make_recorder(
-            self.enqueue, self.auth, self._fingerprinter, compiled=self.config.speedups
+            self.enqueue,
+            self.auth,
+            self._fingerprinter,
+            compiled=self.config.speedups,
+            sketches=self._sketches,
         )
 
     # --- the per-request path ----------------------------------------------------------------
@@ -361,16 +366,23 @@ class Monitor:
             self._drain_locked()
 
     def _drain_locked(self) -> None:
+        # What the compiled recorder counted itself (its fingerprints are in the sketches
+        # already), then the queue: the Python recorder's requests and measured ones.
+        tallied, noted, _dropped = self.recorder.take()
         queue = self._pending
         n = len(queue)
-        if not n:
+        if not (n or tallied or noted):
             return
         pop = queue.popleft  # popleft, not a swap: an append racing the drain is never lost
         records = [pop() for _ in range(n)]
         # Counted in C: the label sets (a handful per batch: routes, schemes, statuses) and the
         # distinct credentials; labels are worked out once per label set, and a credential is
         # folded into the sketches once per batch however many requests carried it.
-        grouped = collections.Counter(map(_LABELS, records))
+        grouped: dict[tuple[t.Any, ...], int] = tallied
+        if records:
+            grouped = collections.Counter(map(_LABELS, records))
+            grouped.update(tallied)
+        n += sum(tallied.values())
         credentials = set(map(_CREDENTIAL, records))
         routes = self.routes
         sketches = self._sketches
@@ -398,6 +410,8 @@ class Monitor:
                     sketch.add(fingerprint)
                 if fingerprint % FIRST_SEEN_SAMPLING == 0:
                     self._note_credential(fingerprint)
+            for fingerprint in set(noted):
+                self._note_credential(fingerprint)
             self.requests += n
 
     def record_measured(

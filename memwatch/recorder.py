@@ -24,7 +24,7 @@ import typing as t
 from collections.abc import Callable
 
 from memwatch.auth import AuthClassifier
-from memwatch.sketch import Fingerprinter
+from memwatch.sketch import Fingerprinter, HyperLogLog
 
 __all__ = ["PyRecorder", "Recorder", "compiled_available", "make_recorder"]
 
@@ -56,6 +56,12 @@ class Recorder(t.Protocol):
         path: str | None,
         status: str | None,
     ) -> None: ...
+
+    def take(self) -> tuple[dict[tuple[t.Any, ...], int], list[int], int]:
+        """What the recorder counted itself since the last call (the compiled recorder with
+        ``sketches``): requests per (template, path, method, auth, status), the fingerprints
+        sampled for the first-seen filter, requests lost to a full tally. Empty otherwise."""
+        ...
 
 
 class PyRecorder:
@@ -93,6 +99,10 @@ class PyRecorder:
         self._append((template, path, method, auth, status, fingerprint))
 
 
+    def take(self) -> tuple[dict[tuple[t.Any, ...], int], list[int], int]:
+        return {}, [], 0  # every request went to the queue
+
+
 def compiled_available() -> bool:
     """Whether the C recorder (``memwatch._speedups``) was built and imports."""
     return _speedups is not None
@@ -104,8 +114,15 @@ def make_recorder(
     fingerprinter: Fingerprinter,
     *,
     compiled: bool = True,
+    sketches: dict[str, HyperLogLog] | None = None,
 ) -> Recorder:
-    """The C recorder when asked for and built, else :class:`PyRecorder`."""
+    """The C recorder when asked for and built, else :class:`PyRecorder`.
+
+    With ``sketches`` (the monitor's HyperLogLog per auth scheme) the C recorder counts the
+    requests itself instead of queueing them (``take()`` hands the counts over): runs of
+    requests with the same labels cost one comparison each, fingerprints go straight into the
+    sketches, and one in :data:`FIRST_SEEN_SAMPLING` is kept for the first-seen filter.
+    """
     if not compiled or _speedups is None:
         return PyRecorder(append, classifier, fingerprinter)
     tables = classifier.fast_path_tables()
@@ -121,5 +138,8 @@ def make_recorder(
         blank=tables.blank,
         salt=fingerprinter.hash_salt,
         mix=fingerprinter.hash_mixed,
+        sketches=None
+        if sketches is None
+        else {scheme: sketch.register_view() for scheme, sketch in sketches.items()},
     )
     return recorder

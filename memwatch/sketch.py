@@ -225,6 +225,11 @@ class HyperLogLog:
         if rank > self._registers[index]:
             self._registers[index] = rank
 
+    def register_view(self) -> tuple[bytearray, int]:
+        """The live registers and the rank shift, for the compiled recorder
+        (:mod:`memwatch.recorder`), which folds fingerprints in as :meth:`add` does."""
+        return self._registers, self._shift
+
     def estimate(self) -> float:
         """Return the estimated number of distinct fingerprints added (0.0 when empty).
 

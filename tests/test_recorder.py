@@ -393,3 +393,75 @@ def test_wrapped_apps_keep_their_protocol_signature() -> None:
     assert memwatch.detect_protocol(mw) == "wsgi"
     assert isinstance(memwatch.wrap(mw, log_startup=False), memwatch.WSGIMiddleware)
     assert "app" in inspect.signature(memwatch.WSGIMiddleware).parameters
+
+
+# --- tally mode: the compiled recorder counts, the monitor's drain folds it in -------------------
+
+
+def _keyed_monitor(speedups: bool) -> Any:
+    from memwatch.monitor import Monitor
+
+    monitor = Monitor(Config(speedups=speedups))
+    # The same fingerprints in both monitors (BLAKE2b with a fixed key): their sketches and
+    # first-seen counts must then agree bit for bit.
+    monitor._fingerprinter = Fingerprinter(b"k" * 16)
+    monitor.fingerprint = monitor._fingerprinter.fingerprint
+    monitor._reset_state()
+    return monitor
+
+
+@needs_compiled
+def test_tallied_requests_fold_into_the_same_state_as_queued_ones() -> None:
+    import random
+
+    rng = random.Random(7)
+    fast, slow = _keyed_monitor(True), _keyed_monitor(False)
+    assert not isinstance(fast.recorder, PyRecorder) and isinstance(slow.recorder, PyRecorder)
+    routes = ["/a/{id}", "/b", None]
+    for i in range(5000):
+        token = f"tok-{rng.randrange(800)}".encode()
+        headers = rng.choice(
+            [
+                [(b"authorization", b"Bearer " + token)],
+                [(b"x-api-key", token)],
+                [(b"authorization", b"Basic " + token)],
+                [(b"cookie", b"sessionid=" + token)],
+                [],
+            ]
+        )
+        scope = scope_of(headers, method=rng.choice(["GET", "POST", "BREW"]))
+        template = rng.choice(routes)
+        path = None if template else f"/raw/{rng.randrange(5)}"
+        status = rng.choice([200, 200, 200, 404, 401, 500])
+        for monitor in (fast, slow):
+            if i % 3:
+                monitor.recorder.record_scope(scope, template, path, status)
+            else:
+                environ = environ_of({}, REQUEST_METHOD=scope["method"])
+                for name, value in headers:
+                    environ["HTTP_" + name.decode().upper().replace("-", "_")] = value.decode()
+                monitor.recorder.record_environ(environ, template, path, f"{status} X")
+        if i % 777 == 0:
+            fast.drain()
+            slow.drain()
+    fast.drain()
+    slow.drain()
+    assert fast.requests == slow.requests == 5000
+    assert fast._counts == slow._counts
+    for scheme, sketch in slow._sketches.items():
+        assert fast._sketches[scheme].registers == sketch.registers, scheme
+    assert fast.first_seen == slow.first_seen > 0
+    assert fast.recorder.take() == ({}, [], 0)  # drained: nothing left over
+
+
+@needs_compiled
+def test_the_tally_is_rebuilt_with_the_state_it_counts_into() -> None:
+    monitor = _keyed_monitor(True)
+    monitor.recorder.record_scope(scope_of([(b"authorization", b"Bearer a")]), "/t", None, 200)
+    old = monitor.recorder
+    monitor._reset_state()  # as after a fork: fresh sketches, a fresh recorder
+    assert monitor.recorder is not old
+    monitor.recorder.record_scope(scope_of([(b"authorization", b"Bearer b")]), "/t", None, 200)
+    monitor.drain()
+    assert monitor.requests == 1
+    assert monitor.snapshot().distinct_credentials["bearer"] == pytest.approx(1.0, abs=0.01)
