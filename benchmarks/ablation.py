@@ -8,10 +8,10 @@ costs is measured with the application's working set around it, not in a tight l
 - ``trivial``: a pass-through observer (status captured, one dict increment per request), the
   least any middleware costs;
 - ``memwatch``: ``memwatch.wrap(app)``, default settings;
-- ``no-finish``: memwatch with the end-of-request work replaced by queueing a constant record
-  (no route template, no auth classification, no fingerprint);
-- ``no-classify``: memwatch with every request classified as anonymous (no header scan, no
-  fingerprint, nothing folded into the credential sketches);
+- ``python``: memwatch with ``speedups=False`` (the pure-Python path, without the compiled
+  module ``memwatch._speedups``);
+- ``no-record``: memwatch with a recorder that records nothing (no route template, no auth
+  classification, no fingerprint, no count): the request skeleton and the periodic work remain;
 - ``no-pairs``: ``request_sample_rate=0`` (no measured requests);
 - ``sparse-samples``: ``sample_every_requests=1000`` and no pairs (periodic readings and detector
   evaluations twenty times rarer than the default).
@@ -41,10 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inprocess as bench
 
 import memwatch
-from memwatch.asgi import ASGIMiddleware
-from memwatch.wsgi import WSGIMiddleware
-
-CONSTANT = ("/x", None, "GET", "anonymous", 200, None)
 
 
 class TrivialASGI:
@@ -104,31 +100,34 @@ class _Closing:
         counts[key] = counts.get(key, 0) + 1
 
 
-class NoFinishASGI(ASGIMiddleware):
-    def finish(self, scope: Any, status: int, entry: Any, root_path: str, tag: Any = None) -> None:
-        self.monitor.enqueue(CONSTANT)
+class NullRecorder:
+    """A recorder that records nothing: what the request's end costs without the route
+    template, the auth scheme, the fingerprint and the count (the skeleton remains)."""
 
+    def finish_scope(self, scope: Any, status: int, root_path: str, unmatched: bool) -> bool:
+        return True
 
-class NoFinishWSGI(WSGIMiddleware):
-    def finish(self, environ: Any, status: Any, entry: Any, tag: Any = None) -> None:
-        self.monitor.enqueue(CONSTANT)
+    def record_scope(self, *args: Any) -> None:
+        pass
 
+    def record_environ(self, *args: Any) -> None:
+        pass
 
-def _anonymous(_request: Any) -> tuple[str, None]:
-    return "anonymous", None
+    def take(self) -> tuple[dict[Any, int], list[int], int]:
+        return {}, [], 0
 
 
 def variants(app_name: str) -> dict[str, Any]:
     asgi = app_name == "starlette"
     make = bench.make_starlette_app if asgi else (lambda: bench.make_flask_app().wsgi_app)
-    no_classify = memwatch.wrap(make())
-    no_classify._classify = _anonymous
+    no_record = memwatch.wrap(make())
+    no_record.monitor.recorder = NullRecorder()
     return {
         "bare": make(),
         "trivial": (TrivialASGI if asgi else TrivialWSGI)(make()),
         "memwatch": memwatch.wrap(make()),
-        "no-finish": (NoFinishASGI if asgi else NoFinishWSGI)(make()),
-        "no-classify": no_classify,
+        "python": memwatch.wrap(make(), speedups=False),
+        "no-record": no_record,
         "no-pairs": memwatch.wrap(make(), request_sample_rate=0.0),
         "sparse-samples": memwatch.wrap(
             make(), request_sample_rate=0.0, sample_every_requests=1000
