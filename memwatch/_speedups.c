@@ -319,24 +319,31 @@ any_needle(PyObject *needles, const unsigned char *text, Py_ssize_t n)
     return 0;
 }
 
+/* hash() of the bytes object these bytes would make, without making it. */
+static Py_hash_t
+hash_bytes(const char *data, Py_ssize_t n)
+{
+#if PY_VERSION_HEX >= 0x030E0000
+    return Py_HashBuffer(data, n);
+#else
+    return _Py_HashBytes(data, n);
+#endif
+}
+
 /* The fingerprint of ASCII credential bytes; NULL with an exception set on failure. */
 static PyObject *
 fingerprint_ascii(Recorder *self, const char *data, Py_ssize_t n)
 {
-    PyObject *credential = PyBytes_FromStringAndSize(data, n);
-    if (credential == NULL) {
-        return NULL;
-    }
     if (!self->use_hash) {
+        PyObject *credential = PyBytes_FromStringAndSize(data, n);
+        if (credential == NULL) {
+            return NULL;
+        }
         PyObject *result = PyObject_CallOneArg(self->fingerprint, credential);
         Py_DECREF(credential);
         return result;
     }
-    Py_hash_t h = PyObject_Hash(credential);
-    Py_DECREF(credential);
-    if (h == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
+    Py_hash_t h = hash_bytes(data, n);
     uint64_t value = (uint64_t)h ^ self->salt;
     if (self->mix) {
         value *= MIX_MULTIPLIER;
