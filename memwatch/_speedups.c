@@ -1926,7 +1926,7 @@ StatusSend_finish(StatusSend *self, PyObject *Py_UNUSED(ignored))
     Py_XDECREF(result);
     Py_DECREF(status);
     Py_DECREF(scope);
-    Py_CLEAR(self->send);
+    /* send stays: an app that sends after returning reaches the server as it would bare. */
     Py_CLEAR(self->entry);
     Py_RETURN_NONE;
 }

@@ -465,3 +465,62 @@ def test_the_tally_is_rebuilt_with_the_state_it_counts_into() -> None:
     monitor.drain()
     assert monitor.requests == 1
     assert monitor.snapshot().distinct_credentials["bearer"] == pytest.approx(1.0, abs=0.01)
+
+
+# --- the compiled ASGI path -------------------------------------------------------------------
+
+
+@needs_compiled
+def test_asgi_requests_take_the_compiled_send_and_are_recorded_once() -> None:
+    import asyncio
+
+    import memwatch
+    from memwatch._speedups import StatusSend
+
+    seen: list[Any] = []
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(send)
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b"tea"})
+
+    async def server_send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    mw = memwatch.ASGIMiddleware(app, log_startup=False, request_sample_rate=0.0)
+    scope = {"type": "http", "method": "GET", "path": "/tea", "headers": [], "query_string": b""}
+    asyncio.run(mw(scope, receive, server_send))
+    assert type(seen[0]) is StatusSend and seen[0].status == 418
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    seen[0].finish()  # a second finish records nothing more
+    assert mw.monitor.snapshot().counts == {("/tea", "GET", "anonymous", "client_error"): 1}
+
+    # A message sent after the app returned still reaches the server, as it would bare.
+    asyncio.run(seen[0]({"type": "http.response.body", "body": b"late"}))
+    assert sent[-1]["body"] == b"late"
+
+
+@needs_compiled
+def test_asgi_app_exception_propagates_and_counts_as_server_error() -> None:
+    import asyncio
+
+    import memwatch
+
+    class Boom(Exception):
+        pass
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise Boom("app's own")
+
+    async def noop(*args: Any) -> Any:
+        return None
+
+    mw = memwatch.ASGIMiddleware(app, log_startup=False, request_sample_rate=0.0)
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+    with pytest.raises(Boom, match="app's own"):
+        asyncio.run(mw(scope, noop, noop))
+    assert mw.monitor.snapshot().counts == {("/x", "POST", "anonymous", "server_error"): 1}
