@@ -381,31 +381,39 @@ flush_run(Recorder *self)
     if (self->run_key == NULL || self->run_count == 0) {
         return 0;
     }
-    PyObject *key = self->run_key;
+    /* Strong references: hashing a label of an unusual type may run Python code, and another
+     * thread may then take() the counts or start a new run. */
+    PyObject *key = Py_NewRef(self->run_key);
+    PyObject *counts = Py_NewRef(self->counts);
     Py_ssize_t add = self->run_count;
     self->run_count = 0;
-    PyObject *current = PyDict_GetItemWithError(self->counts, key);
+    int rc = -1;
+    PyObject *current = PyDict_GetItemWithError(counts, key);
     if (current == NULL && PyErr_Occurred()) {
-        return -1;
+        goto done;
     }
-    if (current == NULL && PyDict_GET_SIZE(self->counts) >= TALLY_MAX_KEYS) {
+    if (current == NULL && PyDict_GET_SIZE(counts) >= TALLY_MAX_KEYS) {
         self->dropped += add; /* bounded: a host that never drains loses counts, not memory */
-        return 0;
+        rc = 0;
+        goto done;
     }
     Py_ssize_t total = add;
     if (current != NULL) {
         Py_ssize_t have = PyLong_AsSsize_t(current);
         if (have == -1 && PyErr_Occurred()) {
-            return -1;
+            goto done;
         }
         total += have;
     }
     PyObject *value = PyLong_FromSsize_t(total);
     if (value == NULL) {
-        return -1;
+        goto done;
     }
-    int rc = PyDict_SetItem(self->counts, key, value);
+    rc = PyDict_SetItem(counts, key, value);
     Py_DECREF(value);
+done:
+    Py_DECREF(counts);
+    Py_DECREF(key);
     return rc;
 }
 
@@ -454,7 +462,7 @@ static PyObject *
 tally(Recorder *self, PyObject *template, PyObject *path, PyObject *method, PyObject *auth,
       PyObject *status, PyObject *fp)
 {
-    PyObject *key = self->run_key;
+    PyObject *key = self->run_key; /* the comparisons below run no Python code */
     if (!(key != NULL &&
           same_label(PyTuple_GET_ITEM(key, 0), template) &&
           same_label(PyTuple_GET_ITEM(key, 1), path) &&
@@ -1062,6 +1070,12 @@ static PyObject *key_record, *key_respond, *str_500, *str_wsgi_entry, *str_wsgi_
 static PyObject *key_close, *str_record_environ, *key_call_python, *key_finish_scope;
 static PyObject *str_empty, *int_zero;
 
+/* An instance's __dict__, kept between requests (see cached_attr). */
+typedef struct {
+    PyObject *owner;
+    PyObject *dict;
+} DictCache;
+
 typedef struct {
     PyObject_HEAD
     PyObject *app;
@@ -1070,6 +1084,8 @@ typedef struct {
     PyObject *report_path;   /* str */
     int unmatched;           /* a framework routes: a 404 without a template is unmatched */
     int fast;                /* 0: every request through _respond (speedups off, or disabled) */
+    DictCache monitor_dict;
+    DictCache diagnosis_dict;
 } WSGIBase;
 
 typedef struct {
@@ -1108,11 +1124,41 @@ count_error(PyObject *monitor, PyObject *where)
     Py_XDECREF(traceback);
 }
 
+/* An instance attribute, read from the instance's __dict__ (kept from the last call: the
+ * monitor and its diagnosis are long-lived) without the type look-up of a generic getattr;
+ * anything not in the dict (a class attribute, a property) through getattr. New reference. */
+static PyObject *
+cached_attr(DictCache *cache, PyObject *obj, PyObject *name)
+{
+    if (cache->owner != obj) {
+        PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+        if (dict == NULL || !PyDict_CheckExact(dict)) {
+            Py_XDECREF(dict);
+            PyErr_Clear();
+            return PyObject_GetAttr(obj, name);
+        }
+        Py_XSETREF(cache->dict, dict);
+        Py_XSETREF(cache->owner, Py_NewRef(obj));
+    }
+    PyObject *value = PyDict_GetItemWithError(cache->dict, name);
+    if (value != NULL) {
+        return Py_NewRef(value);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
 static int
 WSGIBase_traverse(WSGIBase *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->app);
     Py_VISIT(self->monitor);
+    Py_VISIT(self->monitor_dict.owner);
+    Py_VISIT(self->monitor_dict.dict);
+    Py_VISIT(self->diagnosis_dict.owner);
+    Py_VISIT(self->diagnosis_dict.dict);
     return 0; /* subtype_traverse visits a heap subclass's type itself */
 }
 
@@ -1123,6 +1169,10 @@ WSGIBase_clear(WSGIBase *self)
     Py_CLEAR(self->monitor);
     Py_CLEAR(self->metrics_path);
     Py_CLEAR(self->report_path);
+    Py_CLEAR(self->monitor_dict.owner);
+    Py_CLEAR(self->monitor_dict.dict);
+    Py_CLEAR(self->diagnosis_dict.owner);
+    Py_CLEAR(self->diagnosis_dict.dict);
     return 0;
 }
 
@@ -1207,7 +1257,7 @@ response_finish(WSGIResponse *self)
             }
         }
     }
-    recorder = PyObject_GetAttr(owner->monitor, key_recorder);
+    recorder = cached_attr(&owner->monitor_dict, owner->monitor, key_recorder);
     if (recorder == NULL) {
         goto failed;
     }
@@ -1451,10 +1501,11 @@ WSGIBase_call(WSGIBase *self, PyObject *args, PyObject *kwargs)
     }
     /* Monitor.request_entry(): the request's number, and whether anything is due at it. */
     PyObject *entry = Py_NewRef(Py_None);
-    PyObject *tickets = PyObject_GetAttr(monitor, key_tickets);
+    PyObject *tickets = cached_attr(&self->monitor_dict, monitor, key_tickets);
     PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
     Py_XDECREF(tickets);
-    PyObject *next_event = ticket == NULL ? NULL : PyObject_GetAttr(monitor, key_next_event);
+    PyObject *next_event =
+        ticket == NULL ? NULL : cached_attr(&self->monitor_dict, monitor, key_next_event);
     int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
     Py_XDECREF(next_event);
     if (due > 0) {
@@ -1472,8 +1523,9 @@ WSGIBase_call(WSGIBase *self, PyObject *args, PyObject *kwargs)
     Py_XDECREF(ticket);
     int slow = entry != Py_None;
     if (!slow) {
-        PyObject *diagnosis = PyObject_GetAttr(monitor, key_diagnosis);
-        PyObject *window = diagnosis == NULL ? NULL : PyObject_GetAttr(diagnosis, key_window);
+        PyObject *diagnosis = cached_attr(&self->monitor_dict, monitor, key_diagnosis);
+        PyObject *window =
+            diagnosis == NULL ? NULL : cached_attr(&self->diagnosis_dict, diagnosis, key_window);
         Py_XDECREF(diagnosis);
         if (window == NULL) {
             count_error(monitor, str_wsgi_entry);
@@ -1583,6 +1635,8 @@ typedef struct {
     PyObject *finish_python;  /* the middleware's finish(scope, status, entry, root_path) */
     int unmatched;
     int fast;
+    DictCache monitor_dict;
+    DictCache diagnosis_dict;
 } ASGIFast;
 
 typedef struct {
@@ -1603,6 +1657,10 @@ ASGIFast_traverse(ASGIFast *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->monitor);
     Py_VISIT(self->finish_python);
+    Py_VISIT(self->monitor_dict.owner);
+    Py_VISIT(self->monitor_dict.dict);
+    Py_VISIT(self->diagnosis_dict.owner);
+    Py_VISIT(self->diagnosis_dict.dict);
     return 0;
 }
 
@@ -1613,6 +1671,10 @@ ASGIFast_clear(ASGIFast *self)
     Py_CLEAR(self->metrics_path);
     Py_CLEAR(self->report_path);
     Py_CLEAR(self->finish_python);
+    Py_CLEAR(self->monitor_dict.owner);
+    Py_CLEAR(self->monitor_dict.dict);
+    Py_CLEAR(self->diagnosis_dict.owner);
+    Py_CLEAR(self->diagnosis_dict.dict);
     return 0;
 }
 
@@ -1705,8 +1767,9 @@ ASGIFast_enter(ASGIFast *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Clear();
         Py_RETURN_NONE;
     }
-    PyObject *diagnosis = PyObject_GetAttr(monitor, key_diagnosis);
-    PyObject *window = diagnosis == NULL ? NULL : PyObject_GetAttr(diagnosis, key_window);
+    PyObject *diagnosis = cached_attr(&self->monitor_dict, monitor, key_diagnosis);
+    PyObject *window =
+        diagnosis == NULL ? NULL : cached_attr(&self->diagnosis_dict, diagnosis, key_window);
     Py_XDECREF(diagnosis);
     if (window == NULL) {
         count_error(monitor, str_asgi_entry);
@@ -1718,10 +1781,11 @@ ASGIFast_enter(ASGIFast *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE; /* the Python path tags the request for the window */
     }
     PyObject *entry = Py_NewRef(Py_None);
-    PyObject *tickets = PyObject_GetAttr(monitor, key_tickets);
+    PyObject *tickets = cached_attr(&self->monitor_dict, monitor, key_tickets);
     PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
     Py_XDECREF(tickets);
-    PyObject *next_event = ticket == NULL ? NULL : PyObject_GetAttr(monitor, key_next_event);
+    PyObject *next_event =
+        ticket == NULL ? NULL : cached_attr(&self->monitor_dict, monitor, key_next_event);
     int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
     Py_XDECREF(next_event);
     if (due > 0) {
@@ -1891,7 +1955,7 @@ StatusSend_finish(StatusSend *self, PyObject *Py_UNUSED(ignored))
     Py_INCREF(status);
     PyObject *result = NULL;
     if (self->entry == Py_None) {
-        PyObject *recorder = PyObject_GetAttr(owner->monitor, key_recorder);
+        PyObject *recorder = cached_attr(&owner->monitor_dict, owner->monitor, key_recorder);
         if (recorder != NULL) {
             PyObject *args[4] = {scope, status, self->root_path,
                                  owner->unmatched ? Py_True : Py_False};
