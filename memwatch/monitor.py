@@ -16,7 +16,6 @@ import collections
 import dataclasses
 import itertools
 import math
-import operator
 import os
 import random
 import threading
@@ -41,7 +40,7 @@ from memwatch.detector import MAX_CONCURRENCY, MIN_POINTS, CollectCheck, Detecto
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
 from memwatch.recorder import Recorder, make_recorder
-from memwatch.routes import OTHER, RouteTable, normalize_path
+from memwatch.routes import RouteTable, normalize_path
 from memwatch.signals import Sample, SampleRing, Signals
 from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
 
@@ -60,6 +59,16 @@ STRICT_PAIR_T = 5.0
 BOOST = 4
 # The most requests between two evaluations of the detector, whatever one costs.
 MAX_EVAL_SPACING = 2000
+# Steady state (the detector has judged a full window and suspects nothing): the shares of
+# ``steady_budget_us`` that samples, detector evaluations and measured requests may spend.
+STEADY_SAMPLE_SHARE = 0.4
+STEADY_DETECTOR_SHARE = 0.4
+STEADY_PROBE_SHARE = 0.2
+# Measured time is charged this many times over: work done between two requests leaves the
+# caches cold for the app, which costs it about as much again (measured in place).
+CACHE_CHARGE = 2.0
+# The most requests between two evaluations in steady state, whatever one costs.
+MAX_STEADY_EVAL_SPACING = 20000
 # 2**17 bits (16 KiB): small enough to stay in cache; rotated at 20 % saturation, that is about
 # 7,000 sampled (28,000 actual) credentials per filter.
 FIRST_SEEN_BITS = 2**17
@@ -95,9 +104,6 @@ DELTA_BUCKETS = (
 )
 
 RequestKey = tuple[str, str, str, str]  # route, method, auth, outcome
-# A record's label part (template, path, method, auth, status) and its (auth, fingerprint).
-_LABELS = operator.itemgetter(0, 1, 2, 3, 4)
-_CREDENTIAL = operator.itemgetter(3, 5)
 # A request as the middlewares queue it: (template or None, raw path when there is no template,
 # method, auth scheme, status as an int or a WSGI status line, credential fingerprint or None).
 Record = tuple["str | None", "str | None", str, str, "int | str | None", "int | None"]
@@ -246,6 +252,14 @@ class Monitor:
         self._first_full_evaluation = False
         self._requests_at_eval = 0
         self._eval_cost_us = 0.0
+        # Whole measured costs (time.perf_counter, smoothed), microseconds: a sample (readings,
+        # bookkeeping, hooks; evaluations apart) and a measured request's pair of probes (both
+        # readings and both requests' labelling), and what probes spent since the last sample.
+        self._sample_cost_us = 0.0
+        self._probe_cost_us = 0.0
+        self._probe_spent = 0.0
+        self._probe_pairs = 0
+        self._steady = False
         self.history = SampleRing(self.config.history_size)
         self._last_sample_time = self._clock()
         self._last_sample_requests = 0
@@ -365,19 +379,28 @@ class Monitor:
         n = len(queue)
         if not n:
             return
-        pop = queue.popleft  # popleft, not a swap: an append racing the drain is never lost
-        records = [pop() for _ in range(n)]
-        # Counted in C: the label sets (a handful per batch: routes, schemes, statuses) and the
-        # distinct credentials; labels are worked out once per label set, and a credential is
-        # folded into the sketches once per batch however many requests carried it.
-        grouped = collections.Counter(map(_LABELS, records))
-        credentials = set(map(_CREDENTIAL, records))
+        # Counted in C as they are popped (popleft in a C loop, not a swap: an append racing
+        # the drain is never lost): equal records (same labels, same credential) once each.
+        # Then, in Python, once per distinct record: its label set's count, and its credential
+        # folded into the sketches (adding a known credential again changes nothing: the
+        # HyperLogLog keeps the larger rank, the first-seen filter says "seen").
+        grouped = collections.Counter(itertools.starmap(queue.popleft, itertools.repeat((), n)))
+        labels: dict[tuple[str | None, str | None, str, str, int | str | None], int] = {}
         routes = self.routes
         sketches = self._sketches
         with self._lock:
+            for record, k in grouped.items():
+                label = record[:5]
+                labels[label] = labels.get(label, 0) + k
+                fingerprint = record[5]
+                if fingerprint is not None:
+                    sketch = sketches.get(record[3])
+                    if sketch is not None:
+                        sketch.add(fingerprint)
+                    if fingerprint % FIRST_SEEN_SAMPLING == 0:
+                        self._note_credential(fingerprint)
             counts = self._counts
-            for labels, k in grouped.items():
-                template, path, method, auth, status = labels
+            for (template, path, method, auth, status), k in labels.items():
                 if template is not None:
                     route = routes.label(template, k)
                 else:
@@ -390,14 +413,6 @@ class Monitor:
                     "ok" if code < 400 else outcome_of(code),
                 )
                 counts[key] = counts.get(key, 0) + k
-            for auth, fingerprint in credentials:
-                if fingerprint is None:
-                    continue
-                sketch = sketches.get(auth)
-                if sketch is not None:
-                    sketch.add(fingerprint)
-                if fingerprint % FIRST_SEEN_SAMPLING == 0:
-                    self._note_credential(fingerprint)
             self.requests += n
 
     def record_measured(
@@ -412,6 +427,7 @@ class Monitor:
     ) -> tuple[str, str, str]:
         """Queues a request that the fast path does not cover (a measured request, or one in a
         diagnosis window) and returns its (route, method, auth) label now."""
+        start = time.perf_counter() if probe is not None else 0.0
         if template is not None:
             route = self.routes.label(template)
         else:
@@ -421,6 +437,7 @@ class Monitor:
         if probe is not None:
             with self._lock:
                 self._probe_done(probe, key)
+            self._probe_spent += time.perf_counter() - start
         return key
 
     def _read_probe(self, heavy: bool) -> Probe:
@@ -435,14 +452,17 @@ class Monitor:
         return Probe(signals.gc_pending(), signals.collections_total(), heap, rss)
 
     def _probe_open(self) -> Probe | None:
+        start = time.perf_counter()
         probe = self._read_probe(self._random() < self._heavy_share)
         with self._lock:
             if self._inflight is None and self._closable is None:
                 self._inflight = probe
+                self._probe_spent += time.perf_counter() - start
                 return probe
         return None  # another thread opened one first
 
     def _probe_close(self) -> Probe | None:
+        start = time.perf_counter()
         with self._lock:
             first, self._closable = self._closable, None
         if first is None:
@@ -450,6 +470,10 @@ class Monitor:
         probe = self._read_probe(first.heap is not None)
         pair = Pair(first, probe, self.config.heap_block_bytes)
         first.pair = probe.pair = pair
+        # A pair's whole cost (both readings, both requests' labelling) spaces the pairs in
+        # steady state (microseconds, per pair, at the next sample).
+        self._probe_spent += time.perf_counter() - start
+        self._probe_pairs += 1
         return probe
 
     def request_exit(
@@ -537,12 +561,12 @@ class Monitor:
         if not self._sample_lock.acquire(blocking=False):
             return None
         try:
+            start = time.perf_counter()
             self.drain()
             sample = self.read_signals()
             self.history.append(sample)
             self._last_sample_time = sample.time
             self._last_sample_requests = sample.requests
-            self._adapt_to_cost()
             for hook in self.sample_hooks:
                 try:
                     hook()
@@ -551,8 +575,14 @@ class Monitor:
             self._samples_since_eval += 1
             if sample.requests >= self.config.warmup_requests:
                 self._judged_samples += 1
+            self._sample_cost_us = _smoothed(
+                self._sample_cost_us, (time.perf_counter() - start) * 1e6
+            )
+            self._adapt_to_cost()
             if self._evaluation_due(sample):
                 self.evaluate()
+                if self._steady != self._in_steady_state():
+                    self._adapt_to_cost()  # a suspicion to confirm: dense again from now on
             return sample
         finally:
             self._sample_lock.release()
@@ -590,6 +620,11 @@ class Monitor:
         # Capped: an evaluation timed during a diagnosis window (tracing makes everything
         # slower) must not silence the detector for tens of thousands of requests.
         spacing = min(self._eval_cost_us / budget, MAX_EVAL_SPACING)
+        if self._steady:
+            # Steady state: evaluations share steady_budget_us (an evaluation is a burst of a
+            # millisecond or so; its own time is what it costs).
+            steady = self.config.steady_budget_us * STEADY_DETECTOR_SHARE
+            spacing = max(spacing, min(self._eval_cost_us / steady, MAX_STEADY_EVAL_SPACING))
         return sample.requests - self._requests_at_eval >= spacing
 
     def evaluate(self) -> Verdict:
@@ -831,6 +866,20 @@ class Monitor:
             first_seen=self.first_seen,
         )
 
+    def _in_steady_state(self) -> bool:
+        """Whether periodic work runs on ``steady_budget_us``: the detector has judged a full
+        window of samples (taken at the early phase's density), suspects nothing and is not
+        confirming a suspicion, and no diagnosis window is open."""
+        detector = self.detector
+        verdict = detector.verdict
+        return (
+            self._first_full_evaluation
+            and self._judged_samples >= self.config.window_samples
+            and verdict.status == "ok"  # judged, and nothing suspected
+            and not detector.confirming
+            and self.diagnosis.window is None
+        )
+
     def _adapt_to_cost(self) -> None:
         """Stretches sampling so heap-sized readings stay within the per-request CPU budget."""
         budget = self.config.sample_budget_us
@@ -847,15 +896,34 @@ class Monitor:
         # interval is capped so that the detector is never starved of samples.
         self._cost_interval = min(max(1, math.ceil(2.0 * cost / budget)), MAX_SAMPLE_INTERVAL)
         self._min_interval = max(every, self._cost_interval)
+        if self._probe_pairs:
+            self._probe_cost_us = _smoothed(
+                self._probe_cost_us, self._probe_spent * 1e6 / self._probe_pairs
+            )
+            self._probe_spent = 0.0
+            self._probe_pairs = 0
+        self._steady = steady = self._in_steady_state()
+        if steady and self._sample_cost_us > 0.0:
+            # Steady state: the whole sample, not only its heap walk, within its share of
+            # steady_budget_us. (Samples due by time, at low traffic, keep the interval above:
+            # sample_every_seconds still holds there.)
+            share = self.config.steady_budget_us * STEADY_SAMPLE_SHARE
+            interval = math.ceil(CACHE_CHARGE * self._sample_cost_us / share)
+            self._min_interval = max(self._min_interval, min(interval, MAX_SAMPLE_INTERVAL))
         # Every probe reads the container count (O(1)); a heavy one also reads the heap and RSS,
         # twice per pair. (A suspected leak opens a diagnosis window, which attributes better
         # than more readings would.) A walk of the heap also leaves the caches cold for the app:
         # it is charged at twice its measured time.
         self._pair_rate = self.config.request_sample_rate
+        if steady and self._probe_cost_us > 0.0:
+            share = self.config.steady_budget_us * STEADY_PROBE_SHARE
+            self._pair_rate = min(self._pair_rate, share / (CACHE_CHARGE * self._probe_cost_us))
         budget = self.config.pair_budget_us
         heavy_cost = 2.0 * (2.0 * cost + 2.0)
         heavy_rate = budget / heavy_cost
-        self._heavy_share = min(1.0, heavy_rate / max(self._pair_rate, 1e-9))
+        # (Relative to the configured rate: in steady state, fewer pairs, of the same mix.)
+        rate = self.config.request_sample_rate
+        self._heavy_share = min(1.0, heavy_rate / max(rate, 1e-9))
 
     # --- reading the state --------------------------------------------------------------------
 
@@ -886,6 +954,14 @@ class Monitor:
             diagnosis_windows=self.diagnosis.windows,
             diagnosis_active=self.diagnosis.window is not None,
         )
+
+
+def _smoothed(previous: float, cost: float) -> float:
+    """An exponentially smoothed cost, microseconds; one slow reading (preemption on a busy
+    machine, a page fault) moves it by at most four times the previous value's fifth."""
+    if previous <= 0.0:
+        return cost
+    return 0.8 * previous + 0.2 * min(cost, 4.0 * previous)
 
 
 _MONITORS: weakref.WeakSet[Monitor] = weakref.WeakSet()
