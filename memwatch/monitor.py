@@ -178,6 +178,7 @@ class Monitor:
     :param signals: Where readings come from (a seam for tests and other platforms).
     :param clock: Monotonic clock, seconds.
     :param rng: Random source for per-request sampling (seed it in tests).
+    :param timer: Clock that times periodic work (samples, measured requests), seconds.
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class Monitor:
         signals: Signals | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        timer: Callable[[], float] = time.perf_counter,
         on_leak: LeakCallback | None = None,
         on_clear: LeakCallback | None = None,
     ) -> None:
@@ -202,6 +204,7 @@ class Monitor:
         self.routes = RouteTable(self.config.max_routes)
         self.auth = AuthClassifier(self.config)
         self._clock = clock
+        self._timer = timer
         self._random = (rng or random.Random()).random
         self._lock = threading.Lock()
         self._sample_lock = threading.Lock()
@@ -427,7 +430,7 @@ class Monitor:
     ) -> tuple[str, str, str]:
         """Queues a request that the fast path does not cover (a measured request, or one in a
         diagnosis window) and returns its (route, method, auth) label now."""
-        start = time.perf_counter() if probe is not None else 0.0
+        start = self._timer() if probe is not None else 0.0
         if template is not None:
             route = self.routes.label(template)
         else:
@@ -437,7 +440,7 @@ class Monitor:
         if probe is not None:
             with self._lock:
                 self._probe_done(probe, key)
-            self._probe_spent += time.perf_counter() - start
+            self._probe_spent += self._timer() - start
         return key
 
     def _read_probe(self, heavy: bool) -> Probe:
@@ -452,17 +455,17 @@ class Monitor:
         return Probe(signals.gc_pending(), signals.collections_total(), heap, rss)
 
     def _probe_open(self) -> Probe | None:
-        start = time.perf_counter()
+        start = self._timer()
         probe = self._read_probe(self._random() < self._heavy_share)
         with self._lock:
             if self._inflight is None and self._closable is None:
                 self._inflight = probe
-                self._probe_spent += time.perf_counter() - start
+                self._probe_spent += self._timer() - start
                 return probe
         return None  # another thread opened one first
 
     def _probe_close(self) -> Probe | None:
-        start = time.perf_counter()
+        start = self._timer()
         with self._lock:
             first, self._closable = self._closable, None
         if first is None:
@@ -472,7 +475,7 @@ class Monitor:
         first.pair = probe.pair = pair
         # A pair's whole cost (both readings, both requests' labelling) spaces the pairs in
         # steady state (microseconds, per pair, at the next sample).
-        self._probe_spent += time.perf_counter() - start
+        self._probe_spent += self._timer() - start
         self._probe_pairs += 1
         return probe
 
@@ -561,7 +564,7 @@ class Monitor:
         if not self._sample_lock.acquire(blocking=False):
             return None
         try:
-            start = time.perf_counter()
+            start = self._timer()
             self.drain()
             sample = self.read_signals()
             self.history.append(sample)
@@ -576,7 +579,7 @@ class Monitor:
             if sample.requests >= self.config.warmup_requests:
                 self._judged_samples += 1
             self._sample_cost_us = _smoothed(
-                self._sample_cost_us, (time.perf_counter() - start) * 1e6
+                self._sample_cost_us, (self._timer() - start) * 1e6
             )
             self._adapt_to_cost()
             if self._evaluation_due(sample):
