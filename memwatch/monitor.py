@@ -69,6 +69,10 @@ STEADY_PROBE_SHARE = 0.2
 CACHE_CHARGE = 2.0
 # The most requests between two evaluations in steady state, whatever one costs.
 MAX_STEADY_EVAL_SPACING = 20000
+# The detector's window reaches back at most this many windows' worth of requests at the
+# configured period (window_samples x sample_every_requests), and always holds the samples
+# the trend test needs: sparse samples must not stretch it over 100,000 requests and more.
+WINDOW_SPAN = 2
 # 2**17 bits (16 KiB): small enough to stay in cache; rotated at 20 % saturation, that is about
 # 7,000 sampled (28,000 actual) credentials per filter.
 FIRST_SEEN_BITS = 2**17
@@ -630,6 +634,24 @@ class Monitor:
             spacing = max(spacing, min(self._eval_cost_us / steady, MAX_STEADY_EVAL_SPACING))
         return sample.requests - self._requests_at_eval >= spacing
 
+    def _window(self) -> list[Sample]:
+        """The samples the detector judges: the last ``window_samples``, but none taken more
+        than ``WINDOW_SPAN`` windows' worth of requests (at ``sample_every_requests``) before
+        the last one, unless the trend test needs them (``MIN_POINTS`` envelope blocks).
+
+        At the configured period the window is ``window_samples`` long, as always. Samples
+        spaced by the steady-state budget would otherwise stretch it over 100,000 requests and
+        more, and a leak that starts then would have to fill a large part of that before the
+        robust slope saw it (75,000 requests for 220 B/request, measured in process).
+        """
+        cfg = self.config
+        ring = self.history
+        if not len(ring):
+            return []
+        since = ring[-1].requests - WINDOW_SPAN * cfg.window_samples * cfg.sample_every_requests
+        recent = ring.count_since(since, cfg.window_samples)
+        return ring.tail(max(recent, MIN_POINTS * cfg.envelope_width))
+
     def evaluate(self) -> Verdict:
         """Runs the detector and attribution over the history; reports transitions."""
         start = time.thread_time()  # this thread's CPU: the cost the budget is about
@@ -639,7 +661,7 @@ class Monitor:
             if check is not None and check.wanted:
                 # Before the window is built: the reading must not count its samples.
                 check.take(self.requests)
-            history = self.history.tail(self.config.window_samples)
+            history = self._window()
             before = self.detector.verdict.suspected
             verdict = self.detector.evaluate(history, time.time())
             if check is not None:
@@ -791,7 +813,7 @@ class Monitor:
             len(result.routes),
         )
         self._update_attribution(
-            self.history.tail(self.config.window_samples), self.detector.verdict
+            self._window(), self.detector.verdict
         )
         if self.detector.verdict.suspected and not getattr(self, "_advice_logged", True):
             from memwatch.report import log_leak_advice  # report imports this module

@@ -354,7 +354,11 @@ def test_steady_state_spaces_periodic_work_by_its_whole_cost_and_a_suspicion_res
     clock = FakeClock()
     m = Monitor(
         Config(
-            warmup_requests=400, sample_every_requests=20, window_samples=48, steady_budget_us=1.0
+            warmup_requests=400,
+            sample_every_requests=20,
+            window_samples=48,
+            steady_budget_us=1.0,
+            diagnosis="off",
         ),
         signals=make_signals(heap=heap, perf=perf),
         clock=clock,
