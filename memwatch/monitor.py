@@ -73,6 +73,13 @@ MAX_STEADY_EVAL_SPACING = 20000
 # configured period (window_samples x sample_every_requests), and always holds the samples
 # the trend test needs: sparse samples must not stretch it over 100,000 requests and more.
 WINDOW_SPAN = 2
+# Steady state ends early when the lower envelope of the heap (or of RSS) has risen, over the
+# last SENTINEL_SAMPLES samples, faster than SENTINEL_RATE times the detector's minimum growth:
+# the early density then returns for a window's worth of requests, so that a leak that starts
+# late is judged on dense samples. (A rise that is no leak costs that CPU, never an alert: the
+# detector still decides.)
+SENTINEL_SAMPLES = 8
+SENTINEL_RATE = 2.0
 # 2**17 bits (16 KiB): small enough to stay in cache; rotated at 20 % saturation, that is about
 # 7,000 sampled (28,000 actual) credentials per filter.
 FIRST_SEEN_BITS = 2**17
@@ -267,6 +274,7 @@ class Monitor:
         self._probe_spent = 0.0
         self._probe_pairs = 0
         self._steady = False
+        self._dense_until = 0  # requests: steady state waits until then (a rise was seen)
         self.history = SampleRing(self.config.history_size)
         self._last_sample_time = self._clock()
         self._last_sample_requests = 0
@@ -582,9 +590,12 @@ class Monitor:
             self._samples_since_eval += 1
             if sample.requests >= self.config.warmup_requests:
                 self._judged_samples += 1
-            self._sample_cost_us = _smoothed(
-                self._sample_cost_us, (self._timer() - start) * 1e6
-            )
+            if self._steady and self._rising():
+                # Dense again for a window's worth of requests: a late leak judged on dense
+                # samples, at the detector's own budget.
+                cfg = self.config
+                self._dense_until = sample.requests + cfg.window_samples * cfg.sample_every_requests
+            self._sample_cost_us = _smoothed(self._sample_cost_us, (self._timer() - start) * 1e6)
             self._adapt_to_cost()
             if self._evaluation_due(sample):
                 self.evaluate()
@@ -812,9 +823,7 @@ class Monitor:
             len(result.sites),
             len(result.routes),
         )
-        self._update_attribution(
-            self._window(), self.detector.verdict
-        )
+        self._update_attribution(self._window(), self.detector.verdict)
         if self.detector.verdict.suspected and not getattr(self, "_advice_logged", True):
             from memwatch.report import log_leak_advice  # report imports this module
 
@@ -903,7 +912,33 @@ class Monitor:
             and verdict.status == "ok"  # judged, and nothing suspected
             and not detector.confirming
             and self.diagnosis.window is None
+            and self.requests >= self._dense_until
         )
+
+    def _rising(self) -> bool:
+        """Whether the lower envelope of the heap (blocks net of pending containers) or of
+        RSS rose faster than ``SENTINEL_RATE`` times its minimum growth per request over the
+        last ``SENTINEL_SAMPLES`` samples (a few Samples built: once per steady sample)."""
+        cfg = self.config
+        ring = self.history
+        width = cfg.envelope_width
+        if len(ring) < SENTINEL_SAMPLES + width:
+            return False
+        now = [ring[-1 - k] for k in range(width)]
+        then = [ring[-1 - SENTINEL_SAMPLES - k] for k in range(width)]
+        elapsed = now[0].requests - then[0].requests
+        if elapsed <= 0:
+            return False
+        for signal, scale in (("heap", cfg.heap_block_bytes), ("rss", 1.0)):
+            low = [v for v in (_reading(s, signal) for s in now) if v is not None]
+            old = [v for v in (_reading(s, signal) for s in then) if v is not None]
+            if len(low) < width or len(old) < width:
+                continue  # a reading missing: no envelope
+            rise = (min(low) - min(old)) * scale / elapsed
+            minimum = cfg.min_growth_rss if signal == "rss" else cfg.min_growth_bytes
+            if rise > SENTINEL_RATE * minimum:
+                return True
+        return False
 
     def _adapt_to_cost(self) -> None:
         """Stretches sampling so heap-sized readings stay within the per-request CPU budget."""
@@ -979,6 +1014,13 @@ class Monitor:
             diagnosis_windows=self.diagnosis.windows,
             diagnosis_active=self.diagnosis.window is not None,
         )
+
+
+def _reading(sample: Sample, signal: str) -> int | None:
+    """A sample's heap blocks net of pending containers, or its RSS; None when unread."""
+    if signal == "heap":
+        return None if sample.heap_blocks is None else sample.heap_blocks - sample.gc_pending
+    return sample.rss_bytes
 
 
 def _smoothed(previous: float, cost: float) -> float:

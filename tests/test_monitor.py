@@ -394,7 +394,10 @@ def test_steady_state_spaces_periodic_work_by_its_whole_cost_and_a_suspicion_res
     assert 0.0 < m._pair_rate <= m.config.request_sample_rate
     # WHEN the heap starts growing by 4 blocks (256 B) per request
     run(8_000, leak=4)
-    # THEN the suspicion is confirmed, with samples at the period again while it is
+    # THEN the rise of the heap's lower envelope ends the steady state at once (the early
+    # density returns before the detector has judged anything), and the suspicion is
+    # confirmed, with samples at the period again while it is
+    assert m._dense_until > 0
     assert m.detector.verdict.suspected
     assert statistics.median(gaps["suspicious"]) == 20
     assert not m._steady
