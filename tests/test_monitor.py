@@ -358,6 +358,7 @@ def test_steady_state_spaces_periodic_work_by_its_whole_cost_and_a_suspicion_res
             sample_every_requests=20,
             window_samples=48,
             steady_budget_us=1.0,
+            sample_budget_us=100.0,  # heap readings never hold back time-based samples
             diagnosis="off",
         ),
         signals=make_signals(heap=heap, perf=perf),
@@ -392,6 +393,15 @@ def test_steady_state_spaces_periodic_work_by_its_whole_cost_and_a_suspicion_res
     # AND measured requests are spaced by their own cost in steady state (none of it is timed
     # here but the heap readings of heavy pairs, so the rate is only bounded by the budget)
     assert 0.0 < m._pair_rate <= m.config.request_sample_rate
+    # AND at low traffic samples still come every sample_every_seconds (1 s here)
+    before = len(m.history)
+    for _ in range(30):
+        clock.advance(0.3)
+        serve(m, "/x")
+    times = [m.history[i].time for i in range(before - 1, len(m.history))]
+    assert len(times) >= 7
+    assert all(b - a <= 1.0 + 0.3 + 1e-9 for a, b in itertools.pairwise(times)), times
+    assert m._steady
     # WHEN the heap starts growing by 4 blocks (256 B) per request
     run(8_000, leak=4)
     # THEN the rise of the heap's lower envelope ends the steady state at once (the early
