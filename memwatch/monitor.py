@@ -904,11 +904,18 @@ class Monitor:
         """Whether periodic work runs on ``steady_budget_us``: the detector has judged a full
         window of samples (taken at the early phase's density), suspects nothing and is not
         confirming a suspicion, and no diagnosis window is open."""
+        cfg = self.config
         detector = self.detector
         verdict = detector.verdict
         return (
             self._first_full_evaluation
-            and self._judged_samples >= self.config.window_samples
+            and (
+                self._judged_samples >= cfg.window_samples
+                # a large heap's samples are sparser from the start: its window is full when
+                # it spans as many requests as it may (see _window)
+                or self.requests - cfg.warmup_requests
+                >= WINDOW_SPAN * cfg.window_samples * cfg.sample_every_requests
+            )
             and verdict.status == "ok"  # judged, and nothing suspected
             and not detector.confirming
             and self.diagnosis.window is None
