@@ -81,6 +81,11 @@ class Config:
             at once (up to 16), since each request in flight holds its objects at a reading.
         clear: Consecutive clean evaluations before a reported leak clears.
         detector_budget_us: CPU budget per request, in microseconds, for running the detector.
+        steady_budget_us: CPU budget per request, in microseconds, for all of the periodic work
+            (samples, detector evaluations, measured requests) in steady state: once the
+            detector has judged a full window of samples and suspects nothing. Each activity's
+            whole cost is timed where it runs and its interval stretches to fit its share; the
+            budgets above still rule until then and while a suspicion is being confirmed.
         heap_block_bytes: Mean size assumed for one Python heap block when converting block
             counts to bytes (calibrated from tracemalloc when a diagnosis window runs).
         history_size: Number of periodic samples kept (ring buffer).
@@ -133,6 +138,7 @@ class Config:
     collect_check_requests: int = 1000
     clear: int = 3
     detector_budget_us: float = 0.5
+    steady_budget_us: float = 0.25
     heap_block_bytes: float = 64.0
     history_size: int = 1024
     diagnosis: DiagnosisMode = "triggered"
@@ -182,6 +188,7 @@ class Config:
         need(self.heap_block_bytes > 0, "heap_block_bytes", "expected a positive number")
         need(self.pair_budget_us > 0, "pair_budget_us", "expected a positive number")
         need(self.detector_budget_us > 0, "detector_budget_us", "expected a positive number")
+        need(self.steady_budget_us > 0, "steady_budget_us", "expected a positive number")
         need(self.warmup_requests >= 0, "warmup_requests", "expected 0 or more")
         need(self.envelope_width >= 1, "envelope_width", "expected at least 1")
         need(

@@ -16,12 +16,10 @@ import collections
 import dataclasses
 import itertools
 import math
-import operator
 import os
 import random
 import threading
 import time
-import typing as t
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +59,27 @@ STRICT_PAIR_T = 5.0
 BOOST = 4
 # The most requests between two evaluations of the detector, whatever one costs.
 MAX_EVAL_SPACING = 2000
+# Steady state (the detector has judged a full window and suspects nothing): the shares of
+# ``steady_budget_us`` that samples, detector evaluations and measured requests may spend.
+STEADY_SAMPLE_SHARE = 0.4
+STEADY_DETECTOR_SHARE = 0.4
+STEADY_PROBE_SHARE = 0.2
+# Measured time is charged this many times over: work done between two requests leaves the
+# caches cold for the app, which costs it about as much again (measured in place).
+CACHE_CHARGE = 2.0
+# The most requests between two evaluations in steady state, whatever one costs.
+MAX_STEADY_EVAL_SPACING = 20000
+# The detector's window reaches back at most this many windows' worth of requests at the
+# configured period (window_samples x sample_every_requests), and always holds the samples
+# the trend test needs: sparse samples must not stretch it over 100,000 requests and more.
+WINDOW_SPAN = 2
+# Steady state ends early when the lower envelope of the heap (or of RSS) has risen, over the
+# last SENTINEL_SAMPLES samples, faster than SENTINEL_RATE times the detector's minimum growth:
+# the early density then returns for a window's worth of requests, so that a leak that starts
+# late is judged on dense samples. (A rise that is no leak costs that CPU, never an alert: the
+# detector still decides.)
+SENTINEL_SAMPLES = 8
+SENTINEL_RATE = 2.0
 # 2**17 bits (16 KiB): small enough to stay in cache; rotated at 20 % saturation, that is about
 # 7,000 sampled (28,000 actual) credentials per filter.
 FIRST_SEEN_BITS = 2**17
@@ -96,9 +115,6 @@ DELTA_BUCKETS = (
 )
 
 RequestKey = tuple[str, str, str, str]  # route, method, auth, outcome
-# A record's label part (template, path, method, auth, status) and its (auth, fingerprint).
-_LABELS = operator.itemgetter(0, 1, 2, 3, 4)
-_CREDENTIAL = operator.itemgetter(3, 5)
 # A request as the middlewares queue it: (template or None, raw path when there is no template,
 # method, auth scheme, status as an int or a WSGI status line, credential fingerprint or None).
 Record = tuple["str | None", "str | None", str, str, "int | str | None", "int | None"]
@@ -173,6 +189,7 @@ class Monitor:
     :param signals: Where readings come from (a seam for tests and other platforms).
     :param clock: Monotonic clock, seconds.
     :param rng: Random source for per-request sampling (seed it in tests).
+    :param timer: Clock that times periodic work (samples, measured requests), seconds.
     """
 
     def __init__(
@@ -182,6 +199,7 @@ class Monitor:
         signals: Signals | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        timer: Callable[[], float] = time.perf_counter,
         on_leak: LeakCallback | None = None,
         on_clear: LeakCallback | None = None,
     ) -> None:
@@ -197,6 +215,7 @@ class Monitor:
         self.routes = RouteTable(self.config.max_routes)
         self.auth = AuthClassifier(self.config)
         self._clock = clock
+        self._timer = timer
         self._random = (rng or random.Random()).random
         self._lock = threading.Lock()
         self._sample_lock = threading.Lock()
@@ -246,6 +265,15 @@ class Monitor:
         self._first_full_evaluation = False
         self._requests_at_eval = 0
         self._eval_cost_us = 0.0
+        # Whole measured costs (time.perf_counter, smoothed), microseconds: a sample (readings,
+        # bookkeeping, hooks; evaluations apart) and a measured request's pair of probes (both
+        # readings and both requests' labelling), and what probes spent since the last sample.
+        self._sample_cost_us = 0.0
+        self._probe_cost_us = 0.0
+        self._probe_spent = 0.0
+        self._probe_pairs = 0
+        self._steady = False
+        self._dense_until = 0  # requests: steady state waits until then (a rise was seen)
         self.history = SampleRing(self.config.history_size)
         self._last_sample_time = self._clock()
         self._last_sample_requests = 0
@@ -373,23 +401,32 @@ class Monitor:
         n = len(queue)
         if not (n or tallied or noted):
             return
-        pop = queue.popleft  # popleft, not a swap: an append racing the drain is never lost
-        records = [pop() for _ in range(n)]
-        # Counted in C: the label sets (a handful per batch: routes, schemes, statuses) and the
-        # distinct credentials; labels are worked out once per label set, and a credential is
-        # folded into the sketches once per batch however many requests carried it.
-        grouped: dict[tuple[t.Any, ...], int] = tallied
-        if records:
-            grouped = collections.Counter(map(_LABELS, records))
-            grouped.update(tallied)
+        # Counted in C as they are popped (popleft in a C loop, not a swap: an append racing
+        # the drain is never lost): equal records (same labels, same credential) once each.
+        # Then, in Python, once per distinct record: its label set's count, and its credential
+        # folded into the sketches (adding a known credential again changes nothing: the
+        # HyperLogLog keeps the larger rank, the first-seen filter says "seen"). The compiled
+        # recorder's tally arrives already counted per label set.
+        grouped = collections.Counter(itertools.starmap(queue.popleft, itertools.repeat((), n)))
+        labels: dict[tuple[str | None, str | None, str, str, int | str | None], int] = tallied
         n += sum(tallied.values())
-        credentials = set(map(_CREDENTIAL, records))
         routes = self.routes
         sketches = self._sketches
         with self._lock:
+            for record, k in grouped.items():
+                label = record[:5]
+                labels[label] = labels.get(label, 0) + k
+                fingerprint = record[5]
+                if fingerprint is not None:
+                    sketch = sketches.get(record[3])
+                    if sketch is not None:
+                        sketch.add(fingerprint)
+                    if fingerprint % FIRST_SEEN_SAMPLING == 0:
+                        self._note_credential(fingerprint)
+            for fingerprint in set(noted):  # sampled by the compiled recorder
+                self._note_credential(fingerprint)
             counts = self._counts
-            for labels, k in grouped.items():
-                template, path, method, auth, status = labels
+            for (template, path, method, auth, status), k in labels.items():
                 if template is not None:
                     route = routes.label(template, k)
                 else:
@@ -402,16 +439,6 @@ class Monitor:
                     "ok" if code < 400 else outcome_of(code),
                 )
                 counts[key] = counts.get(key, 0) + k
-            for auth, fingerprint in credentials:
-                if fingerprint is None:
-                    continue
-                sketch = sketches.get(auth)
-                if sketch is not None:
-                    sketch.add(fingerprint)
-                if fingerprint % FIRST_SEEN_SAMPLING == 0:
-                    self._note_credential(fingerprint)
-            for fingerprint in set(noted):
-                self._note_credential(fingerprint)
             self.requests += n
 
     def record_measured(
@@ -426,6 +453,7 @@ class Monitor:
     ) -> tuple[str, str, str]:
         """Queues a request that the fast path does not cover (a measured request, or one in a
         diagnosis window) and returns its (route, method, auth) label now."""
+        start = self._timer() if probe is not None else 0.0
         if template is not None:
             route = self.routes.label(template)
         else:
@@ -435,6 +463,7 @@ class Monitor:
         if probe is not None:
             with self._lock:
                 self._probe_done(probe, key)
+            self._probe_spent += self._timer() - start
         return key
 
     def _read_probe(self, heavy: bool) -> Probe:
@@ -449,14 +478,17 @@ class Monitor:
         return Probe(signals.gc_pending(), signals.collections_total(), heap, rss)
 
     def _probe_open(self) -> Probe | None:
+        start = self._timer()
         probe = self._read_probe(self._random() < self._heavy_share)
         with self._lock:
             if self._inflight is None and self._closable is None:
                 self._inflight = probe
+                self._probe_spent += self._timer() - start
                 return probe
         return None  # another thread opened one first
 
     def _probe_close(self) -> Probe | None:
+        start = self._timer()
         with self._lock:
             first, self._closable = self._closable, None
         if first is None:
@@ -464,6 +496,10 @@ class Monitor:
         probe = self._read_probe(first.heap is not None)
         pair = Pair(first, probe, self.config.heap_block_bytes)
         first.pair = probe.pair = pair
+        # A pair's whole cost (both readings, both requests' labelling) spaces the pairs in
+        # steady state (microseconds, per pair, at the next sample).
+        self._probe_spent += self._timer() - start
+        self._probe_pairs += 1
         return probe
 
     def request_exit(
@@ -551,12 +587,12 @@ class Monitor:
         if not self._sample_lock.acquire(blocking=False):
             return None
         try:
+            start = self._timer()
             self.drain()
             sample = self.read_signals()
             self.history.append(sample)
             self._last_sample_time = sample.time
             self._last_sample_requests = sample.requests
-            self._adapt_to_cost()
             for hook in self.sample_hooks:
                 try:
                     hook()
@@ -565,8 +601,17 @@ class Monitor:
             self._samples_since_eval += 1
             if sample.requests >= self.config.warmup_requests:
                 self._judged_samples += 1
+            if self._steady and self._rising():
+                # Dense again for a window's worth of requests: a late leak judged on dense
+                # samples, at the detector's own budget.
+                cfg = self.config
+                self._dense_until = sample.requests + cfg.window_samples * cfg.sample_every_requests
+            self._sample_cost_us = _smoothed(self._sample_cost_us, (self._timer() - start) * 1e6)
+            self._adapt_to_cost()
             if self._evaluation_due(sample):
                 self.evaluate()
+                if self._steady != self._in_steady_state():
+                    self._adapt_to_cost()  # a suspicion to confirm: dense again from now on
             return sample
         finally:
             self._sample_lock.release()
@@ -604,7 +649,30 @@ class Monitor:
         # Capped: an evaluation timed during a diagnosis window (tracing makes everything
         # slower) must not silence the detector for tens of thousands of requests.
         spacing = min(self._eval_cost_us / budget, MAX_EVAL_SPACING)
+        if self._steady:
+            # Steady state: evaluations share steady_budget_us (an evaluation is a burst of a
+            # millisecond or so; its own time is what it costs).
+            steady = self.config.steady_budget_us * STEADY_DETECTOR_SHARE
+            spacing = max(spacing, min(self._eval_cost_us / steady, MAX_STEADY_EVAL_SPACING))
         return sample.requests - self._requests_at_eval >= spacing
+
+    def _window(self) -> list[Sample]:
+        """The samples the detector judges: the last ``window_samples``, but none taken more
+        than ``WINDOW_SPAN`` windows' worth of requests (at ``sample_every_requests``) before
+        the last one, unless the trend test needs them (``MIN_POINTS`` envelope blocks).
+
+        At the configured period the window is ``window_samples`` long, as always. Samples
+        spaced by the steady-state budget would otherwise stretch it over 100,000 requests and
+        more, and a leak that starts then would have to fill a large part of that before the
+        robust slope saw it (75,000 requests for 220 B/request, measured in process).
+        """
+        cfg = self.config
+        ring = self.history
+        if not len(ring):
+            return []
+        since = ring[-1].requests - WINDOW_SPAN * cfg.window_samples * cfg.sample_every_requests
+        recent = ring.count_since(since, cfg.window_samples)
+        return ring.tail(max(recent, MIN_POINTS * cfg.envelope_width))
 
     def evaluate(self) -> Verdict:
         """Runs the detector and attribution over the history; reports transitions."""
@@ -615,7 +683,7 @@ class Monitor:
             if check is not None and check.wanted:
                 # Before the window is built: the reading must not count its samples.
                 check.take(self.requests)
-            history = self.history.tail(self.config.window_samples)
+            history = self._window()
             before = self.detector.verdict.suspected
             verdict = self.detector.evaluate(history, time.time())
             if check is not None:
@@ -766,9 +834,7 @@ class Monitor:
             len(result.sites),
             len(result.routes),
         )
-        self._update_attribution(
-            self.history.tail(self.config.window_samples), self.detector.verdict
-        )
+        self._update_attribution(self._window(), self.detector.verdict)
         if self.detector.verdict.suspected and not getattr(self, "_advice_logged", True):
             from memwatch.report import log_leak_advice  # report imports this module
 
@@ -845,6 +911,53 @@ class Monitor:
             first_seen=self.first_seen,
         )
 
+    def _in_steady_state(self) -> bool:
+        """Whether periodic work runs on ``steady_budget_us``: the detector has judged a full
+        window of samples (taken at the early phase's density), suspects nothing and is not
+        confirming a suspicion, and no diagnosis window is open."""
+        cfg = self.config
+        detector = self.detector
+        verdict = detector.verdict
+        return (
+            self._first_full_evaluation
+            and (
+                self._judged_samples >= cfg.window_samples
+                # a large heap's samples are sparser from the start: its window is full when
+                # it spans as many requests as it may (see _window)
+                or self.requests - cfg.warmup_requests
+                >= WINDOW_SPAN * cfg.window_samples * cfg.sample_every_requests
+            )
+            and verdict.status == "ok"  # judged, and nothing suspected
+            and not detector.confirming
+            and self.diagnosis.window is None
+            and self.requests >= self._dense_until
+        )
+
+    def _rising(self) -> bool:
+        """Whether the lower envelope of the heap (blocks net of pending containers) or of
+        RSS rose faster than ``SENTINEL_RATE`` times its minimum growth per request over the
+        last ``SENTINEL_SAMPLES`` samples (a few Samples built: once per steady sample)."""
+        cfg = self.config
+        ring = self.history
+        width = cfg.envelope_width
+        if len(ring) < SENTINEL_SAMPLES + width:
+            return False
+        now = [ring[-1 - k] for k in range(width)]
+        then = [ring[-1 - SENTINEL_SAMPLES - k] for k in range(width)]
+        elapsed = now[0].requests - then[0].requests
+        if elapsed <= 0:
+            return False
+        for signal, scale in (("heap", cfg.heap_block_bytes), ("rss", 1.0)):
+            low = [v for v in (_reading(s, signal) for s in now) if v is not None]
+            old = [v for v in (_reading(s, signal) for s in then) if v is not None]
+            if len(low) < width or len(old) < width:
+                continue  # a reading missing: no envelope
+            rise = (min(low) - min(old)) * scale / elapsed
+            minimum = cfg.min_growth_rss if signal == "rss" else cfg.min_growth_bytes
+            if rise > SENTINEL_RATE * minimum:
+                return True
+        return False
+
     def _adapt_to_cost(self) -> None:
         """Stretches sampling so heap-sized readings stay within the per-request CPU budget."""
         budget = self.config.sample_budget_us
@@ -861,15 +974,34 @@ class Monitor:
         # interval is capped so that the detector is never starved of samples.
         self._cost_interval = min(max(1, math.ceil(2.0 * cost / budget)), MAX_SAMPLE_INTERVAL)
         self._min_interval = max(every, self._cost_interval)
+        if self._probe_pairs:
+            self._probe_cost_us = _smoothed(
+                self._probe_cost_us, self._probe_spent * 1e6 / self._probe_pairs
+            )
+            self._probe_spent = 0.0
+            self._probe_pairs = 0
+        self._steady = steady = self._in_steady_state()
+        if steady and self._sample_cost_us > 0.0:
+            # Steady state: the whole sample, not only its heap walk, within its share of
+            # steady_budget_us. (Samples due by time, at low traffic, keep the interval above:
+            # sample_every_seconds still holds there.)
+            share = self.config.steady_budget_us * STEADY_SAMPLE_SHARE
+            interval = math.ceil(CACHE_CHARGE * self._sample_cost_us / share)
+            self._min_interval = max(self._min_interval, min(interval, MAX_SAMPLE_INTERVAL))
         # Every probe reads the container count (O(1)); a heavy one also reads the heap and RSS,
         # twice per pair. (A suspected leak opens a diagnosis window, which attributes better
         # than more readings would.) A walk of the heap also leaves the caches cold for the app:
         # it is charged at twice its measured time.
         self._pair_rate = self.config.request_sample_rate
+        if steady and self._probe_cost_us > 0.0:
+            share = self.config.steady_budget_us * STEADY_PROBE_SHARE
+            self._pair_rate = min(self._pair_rate, share / (CACHE_CHARGE * self._probe_cost_us))
         budget = self.config.pair_budget_us
         heavy_cost = 2.0 * (2.0 * cost + 2.0)
         heavy_rate = budget / heavy_cost
-        self._heavy_share = min(1.0, heavy_rate / max(self._pair_rate, 1e-9))
+        # (Relative to the configured rate: in steady state, fewer pairs, of the same mix.)
+        rate = self.config.request_sample_rate
+        self._heavy_share = min(1.0, heavy_rate / max(rate, 1e-9))
 
     # --- reading the state --------------------------------------------------------------------
 
@@ -900,6 +1032,21 @@ class Monitor:
             diagnosis_windows=self.diagnosis.windows,
             diagnosis_active=self.diagnosis.window is not None,
         )
+
+
+def _reading(sample: Sample, signal: str) -> int | None:
+    """A sample's heap blocks net of pending containers, or its RSS; None when unread."""
+    if signal == "heap":
+        return None if sample.heap_blocks is None else sample.heap_blocks - sample.gc_pending
+    return sample.rss_bytes
+
+
+def _smoothed(previous: float, cost: float) -> float:
+    """An exponentially smoothed cost, microseconds; one slow reading (preemption on a busy
+    machine, a page fault) moves it by at most four times the previous value's fifth."""
+    if previous <= 0.0:
+        return cost
+    return 0.8 * previous + 0.2 * min(cost, 4.0 * previous)
 
 
 _MONITORS: weakref.WeakSet[Monitor] = weakref.WeakSet()

@@ -127,6 +127,18 @@ class SampleRing:
             raise IndexError("sample index out of range")
         return self._at((self._start + index) % self.capacity)
 
+    def count_since(self, requests: int, limit: int) -> int:
+        """How many of the last samples (at most ``limit``) were taken at ``requests`` or later
+        (no Sample is built)."""
+        column = self._ints["requests"]
+        count = 0
+        while count < min(limit, self._len):
+            i = (self._start + self._len - 1 - count) % self.capacity
+            if column[i] < requests:
+                break
+            count += 1
+        return count
+
     def tail(self, count: int) -> list[Sample]:
         """The last ``count`` samples, oldest first (only those are built)."""
         first = max(self._len - count, 0)

@@ -341,6 +341,78 @@ def test_sampling_is_boosted_from_the_warm_up_to_the_first_verdict() -> None:
     assert statistics.median(gaps_by_phase["judging"]) == 120
 
 
+def test_steady_state_spaces_periodic_work_by_its_whole_cost_and_a_suspicion_restores_it() -> None:
+    # GIVEN readings that cost 8 µs a sample (timed by the monitor's own timer), a flat heap,
+    # a sample every 20 requests and a detector with a 48-sample window
+    perf = FakeClock()
+    blocks = [200_000]
+
+    def heap() -> int:
+        perf.advance(8e-6)
+        return blocks[0]
+
+    clock = FakeClock()
+    m = Monitor(
+        Config(
+            warmup_requests=400,
+            sample_every_requests=20,
+            window_samples=48,
+            steady_budget_us=1.0,
+            sample_budget_us=100.0,  # heap readings never hold back time-based samples
+            diagnosis="off",
+        ),
+        signals=make_signals(heap=heap, perf=perf),
+        clock=clock,
+        rng=random.Random(20261206),
+        timer=perf,
+    )
+    gaps: dict[str, list[int]] = collections.defaultdict(list)
+    last = 0
+
+    def run(requests: int, leak: int = 0) -> None:
+        nonlocal last
+        for _ in range(requests):
+            clock.advance(0.001)
+            blocks[0] += leak
+            serve(m, "/x")
+            newest = m.history[-1].requests if len(m.history) else 0
+            if newest != last:
+                steady = m._steady
+                suspicious = m.detector.confirming or m.detector.verdict.suspected
+                phase = "steady" if steady else ("suspicious" if suspicious else "early")
+                gaps[phase].append(newest - last)
+                last = newest
+
+    # WHEN the detector has judged a full window and suspects nothing
+    run(5_000)
+    # THEN samples come at the period until then, and in steady state as far apart as the
+    # sample's whole cost, charged twice, allows in its share of the budget: 2 x 8 / 0.4 = 40
+    assert m.detector.verdict.status == "ok"
+    assert statistics.median(gaps["early"]) == 20
+    assert statistics.median(gaps["steady"]) == 40
+    # AND measured requests are spaced by their own cost in steady state (none of it is timed
+    # here but the heap readings of heavy pairs, so the rate is only bounded by the budget)
+    assert 0.0 < m._pair_rate <= m.config.request_sample_rate
+    # AND at low traffic samples still come every sample_every_seconds (1 s here)
+    before = len(m.history)
+    for _ in range(30):
+        clock.advance(0.3)
+        serve(m, "/x")
+    times = [m.history[i].time for i in range(before - 1, len(m.history))]
+    assert len(times) >= 7
+    assert all(b - a <= 1.0 + 0.3 + 1e-9 for a, b in itertools.pairwise(times)), times
+    assert m._steady
+    # WHEN the heap starts growing by 4 blocks (256 B) per request
+    run(8_000, leak=4)
+    # THEN the rise of the heap's lower envelope ends the steady state at once (the early
+    # density returns before the detector has judged anything), and the suspicion is
+    # confirmed, with samples at the period again while it is
+    assert m._dense_until > 0
+    assert m.detector.verdict.suspected
+    assert statistics.median(gaps["suspicious"]) == 20
+    assert not m._steady
+
+
 # --- the fast path: requests queued as records, drained in batches ---------------------------
 
 
