@@ -2028,11 +2028,60 @@ static PyTypeObject StatusSendType = {
     .tp_getset = StatusSend_getset,
 };
 
+/* bloom_add(array, mask, hashes, h) -> bits newly set: memwatch.sketch.FirstSeenFilter.add's
+ * double hashing (positions h1 + i * h2 over the low and high 32 bits, h2 odd) in C. */
+static PyObject *
+speedups_bloom_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyByteArray_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "bloom_add(array: bytearray, mask, hashes, h)");
+        return NULL;
+    }
+    unsigned long long mask = PyLong_AsUnsignedLongLong(args[1]);
+    if (mask == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long hashes = PyLong_AsLong(args[2]);
+    if (hashes == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    unsigned long long h = PyLong_AsUnsignedLongLong(args[3]);
+    if (h == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t size = PyByteArray_GET_SIZE(args[0]);
+    if ((Py_ssize_t)((mask >> 3) + 1) > size || hashes < 0 || hashes > 64) {
+        PyErr_SetString(PyExc_ValueError, "bloom_add: mask or hashes do not fit the array");
+        return NULL;
+    }
+    unsigned char *array = (unsigned char *)PyByteArray_AS_STRING(args[0]);
+    uint64_t position = h & 0xFFFFFFFFULL;
+    uint64_t step = ((h >> 32) & 0xFFFFFFFFULL) | 1;
+    long added = 0;
+    for (long i = 0; i < hashes; i++) {
+        uint64_t bit = position & mask;
+        unsigned char flag = (unsigned char)(1u << (bit & 7));
+        if (!(array[bit >> 3] & flag)) {
+            array[bit >> 3] |= flag;
+            added++;
+        }
+        position += step;
+    }
+    return PyLong_FromLong(added);
+}
+
+static PyMethodDef speedups_functions[] = {
+    {"bloom_add", (PyCFunction)(void (*)(void))speedups_bloom_add, METH_FASTCALL,
+     "bloom_add(array, mask, hashes, h) -> bits newly set (FirstSeenFilter.add in C)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "memwatch._speedups",
     .m_doc = "The per-request recording path of memwatch, in C (optional; see memwatch.fast).",
     .m_size = -1,
+    .m_methods = speedups_functions,
 };
 
 static int

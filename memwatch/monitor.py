@@ -86,6 +86,9 @@ FIRST_SEEN_BITS = 2**17
 
 # The most fast-path records waiting for a drain (a drain runs at least this often).
 DRAIN_MAX = 256
+# In steady state: the compiled recorder keeps a tally of a few label sets, not a queue, so a
+# drain's fixed cost is spread over more requests (samples still come when due).
+DRAIN_MAX_STEADY = 1024
 # The queue's hard bound (never reached while request_entry() runs: it drains every DRAIN_MAX).
 PENDING_MAX = 65536
 # Drains per ``sample_every_seconds`` at low traffic, so that time-based samples stay on time.
@@ -375,7 +378,7 @@ class Monitor:
         # The next drain: when the next sample is due by count, or sooner at low traffic so
         # that a sample due by time waits at most a fraction of sample_every_seconds.
         left = self._min_interval - (self.requests - self._last_sample_requests)
-        gap = min(max(left, 1), DRAIN_MAX)
+        gap = min(max(left, 1), DRAIN_MAX_STEADY if self._steady else DRAIN_MAX)
         if elapsed > 0:
             per_period = done / elapsed * self.config.sample_every_seconds
             gap = min(gap, max(1, int(per_period / DRAINS_PER_PERIOD)))

@@ -39,8 +39,15 @@ import hashlib
 import math
 import os
 import sys
+from collections.abc import Callable
 
 __all__ = ["Fingerprinter", "FirstSeenFilter", "HyperLogLog"]
+
+_bloom_add: Callable[[bytearray, int, int, int], int] | None
+try:
+    from memwatch._speedups import bloom_add as _bloom_add
+except ImportError:  # not built: the Python loop
+    _bloom_add = None
 
 _MASK64 = (1 << 64) - 1
 # 2**64 divided by the golden ratio, made odd: the multiplier of Fibonacci hashing (Knuth).
@@ -338,6 +345,10 @@ class FirstSeenFilter:
 
         :param h: a 64-bit fingerprint from :class:`Fingerprinter`.
         """
+        if _bloom_add is not None:  # the same, compiled (memwatch._speedups)
+            added: int = _bloom_add(self._array, self._mask, self._hashes, h)
+            self._set_bits += added
+            return added > 0
         array = self._array
         mask = self._mask
         position = h & 0xFFFFFFFF

@@ -524,3 +524,22 @@ def test_asgi_app_exception_propagates_and_counts_as_server_error() -> None:
     with pytest.raises(Boom, match="app's own"):
         asyncio.run(mw(scope, noop, noop))
     assert mw.monitor.snapshot().counts == {("/x", "POST", "anonymous", "server_error"): 1}
+
+
+@needs_compiled
+def test_compiled_bloom_filter_sets_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    from memwatch import sketch
+
+    rng = random.Random(3)
+    values = [rng.getrandbits(64) for _ in range(3000)]
+    values += values[:500]  # seen again: not first-seen
+    compiled = sketch.FirstSeenFilter(bits=2**12, hashes=3)
+    first_compiled = [compiled.add(h) for h in values]
+    monkeypatch.setattr(sketch, "_bloom_add", None)
+    python = sketch.FirstSeenFilter(bits=2**12, hashes=3)
+    first_python = [python.add(h) for h in values]
+    assert first_compiled == first_python
+    assert compiled._array == python._array and compiled.saturation() == python.saturation()
+    assert not any(first_python[3000:])
