@@ -3,7 +3,8 @@
 Frameworks resolve a request's route inside the app, after memwatch has handed the request on;
 memwatch picks the result up when the request ends, without routing a second time:
 
-- **Flask/Werkzeug**: a ``before_request`` function (installed first, at wrap time) copies
+- **Flask/Werkzeug**: a URL-value preprocessor (installed first, at wrap time; Flask runs these
+  for every request right before its ``before_request`` functions) copies
   ``request.url_rule.rule`` (``/reports/<int:rid>``) into the WSGI environ.
 - **Django** (WSGI and ASGI handlers): the handler's ``resolve_request`` is wrapped on the
   instance to copy ``request.resolver_match.route`` (``api/data/``) into the environ or scope;
@@ -221,7 +222,10 @@ def install_route_hooks(app: Any) -> str | None:
 _flask_request_context: Callable[[], Any] | None = None
 
 
-def _flask_mark() -> None:
+def _flask_mark(endpoint: object = None, values: object = None) -> None:
+    """Flask's URL-value preprocessor (it runs right before the ``before_request`` functions,
+    for every request, and is called directly, without the coroutine check Flask makes on each
+    ``before_request`` function): copies the matched rule's template into the environ."""
     try:
         request = _flask_request_context().request  # type: ignore[misc]
     except (TypeError, AttributeError, LookupError):
@@ -234,7 +238,7 @@ def _flask_mark() -> None:
 
 def _install_flask(flask_app: Any) -> bool:
     global _flask_request_context
-    funcs = getattr(flask_app, "before_request_funcs", None)
+    funcs = getattr(flask_app, "url_value_preprocessors", None)
     if not isinstance(funcs, dict):
         return False
     if _flask_request_context is None:

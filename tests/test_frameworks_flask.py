@@ -98,11 +98,19 @@ def test_hook_installed_once_and_first() -> None:
     def deny_everything() -> tuple[str, int]:
         return "denied", 401
 
+    @app.url_value_preprocessor
+    def app_own_preprocessor(endpoint: str | None, values: dict[str, object] | None) -> None:
+        pass
+
     memwatch.wrap(app, registry=CollectorRegistry(), log_startup=False)
     mw = memwatch.wrap(app.wsgi_app, registry=CollectorRegistry(), log_startup=False)
-    chain = app.before_request_funcs[None]
-    assert len(chain) == 2  # memwatch's hook once, however often the app is wrapped
-    assert chain[1] is deny_everything
+    # memwatch's hook is a URL-value preprocessor (called for every request, right before the
+    # before_request functions, without Flask's coroutine check on each of those): once,
+    # however often the app is wrapped, and first.
+    chain = app.url_value_preprocessors[None]
+    assert len(chain) == 2
+    assert chain[1] is app_own_preprocessor
+    assert app.before_request_funcs[None] == [deny_everything]
     app.wsgi_app = mw  # type: ignore[method-assign]
     # An app-level before_request that rejects: the template is known all the same.
     assert wsgi_request(app, "/reports/1").status == 401
