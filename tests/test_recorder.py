@@ -543,3 +543,19 @@ def test_compiled_bloom_filter_sets_the_same_bits(monkeypatch: pytest.MonkeyPatc
     assert first_compiled == first_python
     assert compiled._array == python._array and compiled.saturation() == python.saturation()
     assert not any(first_python[3000:])
+
+
+@needs_compiled
+def test_tally_is_bounded_when_nobody_drains() -> None:
+    # A host that never drains (no request_entry, no scrape) loses counts, not memory.
+    from memwatch.monitor import Monitor
+
+    monitor = Monitor(Config())
+    recorder = monitor.recorder
+    scope = scope_of([(b"authorization", b"Bearer abc")])
+    for i in range(70_000):
+        recorder.record_scope(scope, None, f"/raw/{i}", 200)
+    counts, noted, dropped = recorder.take()
+    assert len(counts) == 65_536
+    assert sum(counts.values()) + dropped == 70_000 and dropped > 0
+    assert len(noted) <= 1  # the same credential is sampled once in a row
