@@ -3,9 +3,11 @@
 Frameworks resolve a request's route inside the app, after memwatch has handed the request on;
 memwatch picks the result up when the request ends, without routing a second time:
 
-- **Flask/Werkzeug**: a URL-value preprocessor (installed first, at wrap time; Flask runs these
-  for every request right before its ``before_request`` functions) copies
-  ``request.url_rule.rule`` (``/reports/<int:rid>``) into the WSGI environ.
+- **Flask/Werkzeug**: the app's request class is given (at wrap time) a compiled ``url_rule``
+  attribute that copies ``rule.rule`` (``/reports/<int:rid>``) into the WSGI environ when Flask
+  stores the matched rule; without the compiled module, a URL-value preprocessor (installed
+  first; Flask runs these for every request right before its ``before_request`` functions)
+  does the same in Python.
 - **Django** (WSGI and ASGI handlers): the handler's ``resolve_request`` is wrapped on the
   instance to copy ``request.resolver_match.route`` (``api/data/``) into the environ or scope;
   the settings middleware (:mod:`memwatch.django`) reads the same through
@@ -27,6 +29,12 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 ROUTE_KEY = "memwatch.route"
+
+_RuleSlot: Any
+try:
+    from memwatch._speedups import RuleSlot as _RuleSlot
+except ImportError:  # not built: Flask gets the Python hook
+    _RuleSlot = None
 OTHER = "__other__"
 UNMATCHED = "__unmatched__"
 
@@ -200,16 +208,17 @@ def starlette_template(scope: MutableMapping[str, Any], entry_root_path: str) ->
 # --- framework hooks, installed once at wrap time -------------------------------------------
 
 
-def install_route_hooks(app: Any) -> str | None:
+def install_route_hooks(app: Any, *, compiled: bool = True) -> str | None:
     """Teach a Flask or Django application to hand its route template to memwatch.
 
     Returns the framework's name, or None when ``app`` is neither (Starlette and FastAPI need
     no hook). Importing a framework is avoided unless the app is one of its objects.
+    ``compiled`` allows the compiled Flask hook (``config.speedups``).
     """
     target = getattr(app, "__self__", app)  # app.wsgi_app is a bound method of the Flask app
     module = type(target).__module__ or ""
     flask_like = module.startswith("flask") or hasattr(target, "before_request_funcs")
-    if flask_like and _install_flask(target):
+    if flask_like and _install_flask(target, compiled=compiled):
         return "flask"
     if module.startswith("django.") and _install_django(target):
         return "django"
@@ -236,11 +245,13 @@ def _flask_mark(endpoint: object = None, values: object = None) -> None:
         request.environ[ROUTE_KEY] = rule.rule
 
 
-def _install_flask(flask_app: Any) -> bool:
+def _install_flask(flask_app: Any, *, compiled: bool = True) -> bool:
     global _flask_request_context
     funcs = getattr(flask_app, "url_value_preprocessors", None)
     if not isinstance(funcs, dict):
         return False
+    if compiled and _flask_rule_slot(flask_app):
+        return True
     if _flask_request_context is None:
         try:
             from flask.globals import _cv_request
@@ -251,6 +262,31 @@ def _install_flask(flask_app: Any) -> bool:
     chain = funcs.setdefault(None, [])
     if _flask_mark not in chain:
         chain.insert(0, _flask_mark)
+    return True
+
+
+def _flask_rule_slot(flask_app: Any) -> bool:
+    """Give the app a request class (a subclass of its own) whose ``url_rule`` attribute also
+    copies the matched rule's template into the environ when Flask sets it
+    (``memwatch._speedups.RuleSlot``): no Python call per request. False where it cannot (the
+    compiled module is not built, or the request class keeps no instance dict); the caller then
+    installs the Python hook. A ``request_class`` the app sets after wrapping replaces it:
+    routes are then normalised paths."""
+    if _RuleSlot is None:
+        return False
+    base = getattr(flask_app, "request_class", None)
+    if not isinstance(base, type) or not getattr(base, "__dictoffset__", 0):
+        return False
+    if getattr(base, "_memwatch_rule_slot", False):
+        return True  # wrapped before: once is enough
+    namespace = {
+        "url_rule": _RuleSlot(ROUTE_KEY),
+        "_memwatch_rule_slot": True,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+    }
+    flask_app.request_class = type(base.__name__, (base,), namespace)
     return True
 
 

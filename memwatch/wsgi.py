@@ -195,7 +195,9 @@ class WSGIMiddleware(_CompiledBase, EnvironRecorder):
         )
         self._enabled = config.enabled
         EnvironRecorder.__init__(
-            self, memwatch, install_route_hooks(app) if self._enabled else None
+            self,
+            memwatch,
+            install_route_hooks(app, compiled=config.speedups) if self._enabled else None,
         )
         if _COMPILED:
             self._wsgi_setup(

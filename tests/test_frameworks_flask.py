@@ -15,6 +15,7 @@ from werkzeug.test import Client
 
 import memwatch
 from memwatch import WSGIMiddleware
+from memwatch.recorder import compiled_available
 from tests.apps import flask_app
 from tests.apps.support import (
     AUTH_CASES,
@@ -102,15 +103,22 @@ def test_hook_installed_once_and_first() -> None:
     def app_own_preprocessor(endpoint: str | None, values: dict[str, object] | None) -> None:
         pass
 
+    original_request_class = app.request_class
     memwatch.wrap(app, registry=CollectorRegistry(), log_startup=False)
     mw = memwatch.wrap(app.wsgi_app, registry=CollectorRegistry(), log_startup=False)
-    # memwatch's hook is a URL-value preprocessor (called for every request, right before the
-    # before_request functions, without Flask's coroutine check on each of those): once,
-    # however often the app is wrapped, and first.
-    chain = app.url_value_preprocessors[None]
-    assert len(chain) == 2
-    assert chain[1] is app_own_preprocessor
     assert app.before_request_funcs[None] == [deny_everything]
+    if compiled_available() and memwatch.Config.from_env().speedups:
+        # Compiled: the app's request class is subclassed once (its url_rule copies the
+        # template), however often the app is wrapped; no per-request hook at all.
+        assert app.request_class.__mro__[1] is original_request_class
+        assert app.request_class.__name__ == original_request_class.__name__
+        assert app.url_value_preprocessors[None] == [app_own_preprocessor]
+    else:
+        # Python: a URL-value preprocessor (called for every request, right before the
+        # before_request functions), once and first.
+        chain = app.url_value_preprocessors[None]
+        assert len(chain) == 2
+        assert chain[1] is app_own_preprocessor
     app.wsgi_app = mw  # type: ignore[method-assign]
     # An app-level before_request that rejects: the template is known all the same.
     assert wsgi_request(app, "/reports/1").status == 401

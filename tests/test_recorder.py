@@ -559,3 +559,37 @@ def test_tally_is_bounded_when_nobody_drains() -> None:
     assert len(counts) == 65_536
     assert sum(counts.values()) + dropped == 70_000 and dropped > 0
     assert len(noted) <= 1  # the same credential is sampled once in a row
+
+
+@needs_compiled
+def test_rule_slot_behaves_as_a_plain_attribute_and_copies_the_template() -> None:
+    from memwatch._speedups import RuleSlot
+
+    class Request:
+        url_rule = None
+
+        def __init__(self) -> None:
+            self.environ: dict[str, Any] = {}
+
+    class Watched(Request):
+        url_rule = RuleSlot("memwatch.route")
+
+    class Rule:
+        rule = "/reports/<int:rid>"
+
+    request = Watched()
+    assert Watched.url_rule is None and request.url_rule is None
+    rule = Rule()
+    request.url_rule = rule
+    assert request.url_rule is rule
+    assert request.environ == {"memwatch.route": "/reports/<int:rid>"}
+    request.url_rule = None  # Flask may store None: nothing copied
+    assert request.url_rule is None
+    del request.url_rule
+    with pytest.raises(AttributeError):
+        del request.url_rule
+    # A rule without a usable template, or no environ: stored all the same, nothing raised.
+    odd = Watched()
+    del odd.environ
+    odd.url_rule = object()
+    assert odd.url_rule is not None
