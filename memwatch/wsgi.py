@@ -138,9 +138,14 @@ if t.TYPE_CHECKING:
 else:
     try:
         from memwatch._speedups import WSGIBase as _CompiledBase
+
+        _COMPILED = True
     except ImportError:  # not built: the pure-Python path
-        _CompiledBase = object
-    _COMPILED = _CompiledBase is not object
+
+        class _CompiledBase:  # an empty base (object itself would break the MRO)
+            pass
+
+        _COMPILED = False
 
 
 class _CallSignature:
