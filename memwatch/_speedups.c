@@ -636,8 +636,9 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
     if (method == NULL) {
         return NULL;
     }
-    if (other) {
-        goto reference;
+    if (other) { /* not a str: the method as `scope.get("method") or "GET"` gives it */
+        return enqueue_generic(self, self->classify_scope, scope, key_method, template, path,
+                               status);
     }
     PyObject *headers = PyDict_GetItemWithError(scope, key_headers);
     if (headers == NULL) {
@@ -767,7 +768,8 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (other) {
-        goto reference;
+        return enqueue_generic(self, self->classify_environ, environ, key_request_method,
+                               template, path, status);
     }
     Py_ssize_t n;
     const unsigned char *a;

@@ -197,6 +197,7 @@ def test_reference_fingerprints_with_an_explicit_key() -> None:
         pytest.param(scope_of([], query=bytearray(b"token=1")), id="bytearray query"),
         pytest.param(scope_of([], method=""), id="empty method"),
         pytest.param(scope_of([], method=None), id="no method"),
+        pytest.param(scope_of([], method=b"PATCH"), id="bytes method"),
         pytest.param(collections.OrderedDict(scope_of([(b"x-api-key", b"k")])), id="dict subclass"),
         pytest.param({"type": "http"}, id="bare scope"),
     ],
@@ -222,6 +223,7 @@ def test_unusual_scopes_match_the_reference(scope: Any) -> None:
         pytest.param(environ_of({}, query=None), id="None query"),
         pytest.param(environ_of({"Cookie": "sessionid=é"}), id="non-ASCII cookie"),
         pytest.param(environ_of({}, REQUEST_METHOD=""), id="empty method"),
+        pytest.param(environ_of({}, REQUEST_METHOD=b"PUT"), id="bytes method"),
         pytest.param(collections.OrderedDict(environ_of({"X-Api-Key": "k"})), id="dict subclass"),
     ],
 )
