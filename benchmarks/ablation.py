@@ -104,9 +104,6 @@ class NullRecorder:
     """A recorder that records nothing: what the request's end costs without the route
     template, the auth scheme, the fingerprint and the count (the skeleton remains)."""
 
-    def finish_scope(self, scope: Any, status: int, root_path: str, unmatched: bool) -> bool:
-        return True
-
     def record_scope(self, *args: Any) -> None:
         pass
 

@@ -1069,7 +1069,7 @@ static PyTypeObject RecorderType = {
 static PyObject *key_path_info, *key_file_wrapper, *key_tickets, *key_next_event, *key_event;
 static PyObject *key_diagnosis, *key_window, *key_recorder, *key_record_environ, *key_errors;
 static PyObject *key_record, *key_respond, *str_500, *str_wsgi_entry, *str_wsgi_finish;
-static PyObject *key_close, *str_record_environ, *key_call_python, *key_finish_scope;
+static PyObject *key_close, *key_call_python;
 static PyObject *str_empty, *int_zero;
 
 /* An instance's __dict__, kept between requests (see cached_attr). */
@@ -1434,6 +1434,84 @@ static PyTypeObject WSGIResponseType = {
     .tp_methods = WSGIResponse_methods,
 };
 
+/* Whether a request is for one of memwatch's own paths (Endpoints.handles), from the path
+ * under `key` in its environ or scope: 1 yes (or a path of an unusual type: the Python path
+ * decides), 0 no, -1 error. */
+static int
+is_own_path(PyObject *mapping, PyObject *key, PyObject *metrics_path, PyObject *report_path)
+{
+    PyObject *path = PyDict_GetItemWithError(mapping, key);
+    if (path == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        path = str_root;
+    }
+    if (!PyUnicode_CheckExact(path)) {
+        return 1;
+    }
+    if (PyUnicode_GET_LENGTH(path) == 0) {
+        path = str_root;
+    }
+    if (metrics_path != Py_None) {
+        int same = PyUnicode_Compare(path, metrics_path) == 0;
+        if (same) {
+            return 1;
+        }
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    Py_ssize_t starts = PyUnicode_Tailmatch(path, report_path, 0, PY_SSIZE_T_MAX, -1);
+    return starts < 0 ? -1 : (int)starts;
+}
+
+/* Monitor.request_entry() for a request the compiled path may serve: the request is numbered
+ * and whatever is due at its number runs (a drain, a sample, a measured request's probe).
+ * Returns a new reference: None when nothing is due for the request itself, the probe of a
+ * measured request; NULL without an exception when the request must take the Python path
+ * (a diagnosis window is open: the Python path tags the request and numbers it itself).
+ * memwatch's own failures are counted under `where`; the request goes on. */
+static PyObject *
+enter_request(PyObject *monitor, DictCache *monitor_dict, DictCache *diagnosis_dict,
+              PyObject *where)
+{
+    PyObject *diagnosis = cached_attr(monitor_dict, monitor, key_diagnosis);
+    PyObject *window =
+        diagnosis == NULL ? NULL : cached_attr(diagnosis_dict, diagnosis, key_window);
+    Py_XDECREF(diagnosis);
+    if (window == NULL) {
+        count_error(monitor, where);
+        return NULL;
+    }
+    int in_window = window != Py_None;
+    Py_DECREF(window);
+    if (in_window) {
+        return NULL;
+    }
+    PyObject *entry = Py_NewRef(Py_None);
+    PyObject *tickets = cached_attr(monitor_dict, monitor, key_tickets);
+    PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
+    Py_XDECREF(tickets);
+    PyObject *next_event = ticket == NULL ? NULL : cached_attr(monitor_dict, monitor, key_next_event);
+    int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
+    Py_XDECREF(next_event);
+    if (due > 0) {
+        PyObject *probe = PyObject_CallMethodOneArg(monitor, key_event, ticket);
+        if (probe == NULL) {
+            count_error(monitor, where);
+        }
+        else {
+            Py_SETREF(entry, probe);
+        }
+    }
+    else if (due < 0) {
+        count_error(monitor, where);
+    }
+    Py_XDECREF(ticket);
+    return entry;
+}
+
 /* The Python path: self._call_python(environ, start_response) for the whole request (entry
  * NULL), or self._respond(environ, start_response, entry) once the entry is known. */
 static PyObject *
@@ -1446,36 +1524,6 @@ respond_python(WSGIBase *self, PyObject *environ, PyObject *start_response, PyOb
     }
     return PyObject_VectorcallMethod(key_respond, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                      NULL);
-}
-
-/* Whether the request is for one of memwatch's own paths (Endpoints.handles). -1: error. */
-static int
-own_path(WSGIBase *self, PyObject *environ)
-{
-    PyObject *path = PyDict_GetItemWithError(environ, key_path_info);
-    if (path == NULL) {
-        if (PyErr_Occurred()) {
-            return -1;
-        }
-        path = str_root;
-    }
-    if (!PyUnicode_CheckExact(path)) {
-        return 1; /* unusual: let the Python path decide */
-    }
-    if (PyUnicode_GET_LENGTH(path) == 0) {
-        path = str_root;
-    }
-    if (self->metrics_path != Py_None) {
-        int same = PyUnicode_Compare(path, self->metrics_path) == 0;
-        if (same) {
-            return 1;
-        }
-        if (PyErr_Occurred()) {
-            return -1;
-        }
-    }
-    Py_ssize_t starts = PyUnicode_Tailmatch(path, self->report_path, 0, PY_SSIZE_T_MAX, -1);
-    return starts < 0 ? -1 : (int)starts;
 }
 
 static PyObject *
@@ -1493,51 +1541,19 @@ WSGIBase_call(WSGIBase *self, PyObject *args, PyObject *kwargs)
         self->metrics_path == NULL || !PyDict_CheckExact(environ)) {
         return respond_python(self, environ, start_response, NULL);
     }
-    PyObject *monitor = self->monitor;
-    int own = own_path(self, environ);
+    int own = is_own_path(environ, key_path_info, self->metrics_path, self->report_path);
     if (own != 0) {
         if (own < 0) {
             PyErr_Clear();
         }
         return respond_python(self, environ, start_response, NULL);
     }
-    /* Monitor.request_entry(): the request's number, and whether anything is due at it. */
-    PyObject *entry = Py_NewRef(Py_None);
-    PyObject *tickets = cached_attr(&self->monitor_dict, monitor, key_tickets);
-    PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
-    Py_XDECREF(tickets);
-    PyObject *next_event =
-        ticket == NULL ? NULL : cached_attr(&self->monitor_dict, monitor, key_next_event);
-    int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
-    Py_XDECREF(next_event);
-    if (due > 0) {
-        PyObject *probe = PyObject_CallMethodOneArg(monitor, key_event, ticket);
-        if (probe == NULL) {
-            count_error(monitor, str_wsgi_entry);
-        }
-        else {
-            Py_SETREF(entry, probe);
-        }
+    PyObject *entry =
+        enter_request(self->monitor, &self->monitor_dict, &self->diagnosis_dict, str_wsgi_entry);
+    if (entry == NULL) { /* a diagnosis window: the whole request in Python */
+        return respond_python(self, environ, start_response, NULL);
     }
-    else if (due < 0) {
-        count_error(monitor, str_wsgi_entry);
-    }
-    Py_XDECREF(ticket);
-    int slow = entry != Py_None;
-    if (!slow) {
-        PyObject *diagnosis = cached_attr(&self->monitor_dict, monitor, key_diagnosis);
-        PyObject *window =
-            diagnosis == NULL ? NULL : cached_attr(&self->diagnosis_dict, diagnosis, key_window);
-        Py_XDECREF(diagnosis);
-        if (window == NULL) {
-            count_error(monitor, str_wsgi_entry);
-        }
-        else {
-            slow = window != Py_None;
-            Py_DECREF(window);
-        }
-    }
-    if (slow) {
+    if (entry != Py_None) { /* a measured request: from its entry on in Python */
         PyObject *result = respond_python(self, environ, start_response, entry);
         Py_DECREF(entry);
         return result;
@@ -1571,12 +1587,12 @@ WSGIBase_call(WSGIBase *self, PyObject *args, PyObject *kwargs)
     }
     PyObject *file_wrapper = PyDict_GetItemWithError(environ, key_file_wrapper);
     if (file_wrapper == NULL && PyErr_Occurred()) {
-        count_error(monitor, str_wsgi_finish);
+        count_error(self->monitor, str_wsgi_finish);
     }
     else if (file_wrapper != NULL && PyType_Check(file_wrapper)) {
         int is_file = PyObject_IsInstance(result, file_wrapper);
         if (is_file < 0) {
-            count_error(monitor, str_wsgi_finish);
+            count_error(self->monitor, str_wsgi_finish);
         }
         else if (is_file) {
             /* Keep the server's zero-copy path (sendfile): count the request now. */
@@ -1712,36 +1728,6 @@ ASGIFast_init(ASGIFast *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* 1: the scope is for one of memwatch's own paths (or unusual): Python; 0: not; -1: error. */
-static int
-asgi_own_path(ASGIFast *self, PyObject *scope)
-{
-    PyObject *path = PyDict_GetItemWithError(scope, key_path);
-    if (path == NULL) {
-        if (PyErr_Occurred()) {
-            return -1;
-        }
-        path = str_root;
-    }
-    if (!PyUnicode_CheckExact(path)) {
-        return 1;
-    }
-    if (PyUnicode_GET_LENGTH(path) == 0) {
-        path = str_root;
-    }
-    if (self->metrics_path != Py_None) {
-        int same = PyUnicode_Compare(path, self->metrics_path) == 0;
-        if (same) {
-            return 1;
-        }
-        if (PyErr_Occurred()) {
-            return -1;
-        }
-    }
-    Py_ssize_t starts = PyUnicode_Tailmatch(path, self->report_path, 0, PY_SSIZE_T_MAX, -1);
-    return starts < 0 ? -1 : (int)starts;
-}
-
 static PyObject *StatusSend_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
                                        PyObject *kwnames);
 
@@ -1764,45 +1750,16 @@ ASGIFast_enter(ASGIFast *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Clear();
         Py_RETURN_NONE; /* lifespan, websocket, anything odd: straight through in Python */
     }
-    int own = asgi_own_path(self, scope);
+    int own = is_own_path(scope, key_path, self->metrics_path, self->report_path);
     if (own != 0) {
         PyErr_Clear();
         Py_RETURN_NONE;
     }
-    PyObject *diagnosis = cached_attr(&self->monitor_dict, monitor, key_diagnosis);
-    PyObject *window =
-        diagnosis == NULL ? NULL : cached_attr(&self->diagnosis_dict, diagnosis, key_window);
-    Py_XDECREF(diagnosis);
-    if (window == NULL) {
-        count_error(monitor, str_asgi_entry);
-        Py_RETURN_NONE;
+    PyObject *entry =
+        enter_request(monitor, &self->monitor_dict, &self->diagnosis_dict, str_asgi_entry);
+    if (entry == NULL) {
+        Py_RETURN_NONE; /* a diagnosis window: the Python path tags the request */
     }
-    int in_window = window != Py_None;
-    Py_DECREF(window);
-    if (in_window) {
-        Py_RETURN_NONE; /* the Python path tags the request for the window */
-    }
-    PyObject *entry = Py_NewRef(Py_None);
-    PyObject *tickets = cached_attr(&self->monitor_dict, monitor, key_tickets);
-    PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
-    Py_XDECREF(tickets);
-    PyObject *next_event =
-        ticket == NULL ? NULL : cached_attr(&self->monitor_dict, monitor, key_next_event);
-    int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
-    Py_XDECREF(next_event);
-    if (due > 0) {
-        PyObject *probe = PyObject_CallMethodOneArg(monitor, key_event, ticket);
-        if (probe == NULL) {
-            count_error(monitor, str_asgi_entry);
-        }
-        else {
-            Py_SETREF(entry, probe);
-        }
-    }
-    else if (due < 0) {
-        count_error(monitor, str_asgi_entry);
-    }
-    Py_XDECREF(ticket);
     PyObject *root_path = PyDict_GetItemWithError(scope, key_root_path);
     if (root_path == NULL) {
         PyErr_Clear();
@@ -1956,36 +1913,24 @@ StatusSend_finish(StatusSend *self, PyObject *Py_UNUSED(ignored))
     }
     Py_INCREF(status);
     PyObject *result = NULL;
+    PyObject *recorder = NULL;
     if (self->entry == Py_None) {
-        PyObject *recorder = cached_attr(&owner->monitor_dict, owner->monitor, key_recorder);
-        if (recorder != NULL) {
-            PyObject *args[4] = {scope, status, self->root_path,
-                                 owner->unmatched ? Py_True : Py_False};
-            if (Py_TYPE(recorder) == &RecorderType) {
-                result = Recorder_finish_scope((Recorder *)recorder, args, 4);
-            }
-            else {
-                PyObject *method = PyObject_GetAttr(recorder, key_finish_scope);
-                if (method != NULL) {
-                    result = PyObject_Vectorcall(method, args, 4, NULL);
-                    Py_DECREF(method);
-                }
-            }
-            Py_DECREF(recorder);
-        }
-        if (result != NULL && result != Py_True) {
-            int done = PyObject_IsTrue(result);
-            Py_CLEAR(result);
-            if (done == 0) {
-                PyObject *args[4] = {scope, status, Py_None, self->root_path};
-                result = PyObject_Vectorcall(owner->finish_python, args, 4, NULL);
-            }
-        }
+        recorder = cached_attr(&owner->monitor_dict, owner->monitor, key_recorder);
     }
-    else {
+    if (recorder != NULL && Py_TYPE(recorder) == &RecorderType) {
+        /* The compiled recorder: the route template and the record, here. */
+        PyObject *args[4] = {scope, status, self->root_path,
+                             owner->unmatched ? Py_True : Py_False};
+        result = Recorder_finish_scope((Recorder *)recorder, args, 4);
+    }
+    if (result == Py_False || (result == NULL && !PyErr_Occurred())) {
+        /* A measured request, another recorder, or a case the compiled one hands back:
+         * the middleware's finish() in Python. */
+        Py_CLEAR(result);
         PyObject *args[4] = {scope, status, self->entry, self->root_path};
         result = PyObject_Vectorcall(owner->finish_python, args, 4, NULL);
     }
+    Py_XDECREF(recorder);
     if (result == NULL) {
         count_error(owner->monitor, str_asgi_finish);
     }
@@ -2224,9 +2169,9 @@ PyInit__speedups(void)
         intern(&key_errors, "errors") < 0 || intern(&key_record, "record") < 0 ||
         intern(&key_respond, "_respond") < 0 || intern(&str_500, "500") < 0 ||
         intern(&str_wsgi_entry, "wsgi.entry") < 0 || intern(&str_wsgi_finish, "wsgi.finish") < 0 ||
-        intern(&key_close, "close") < 0 || intern(&str_record_environ, "record_environ") < 0 ||
+        intern(&key_close, "close") < 0 ||
         intern(&key_call_python, "_call_python") < 0 ||
-        intern(&key_finish_scope, "finish_scope") < 0 || intern(&str_empty, "") < 0 ||
+        intern(&str_empty, "") < 0 ||
         intern(&key_type, "type") < 0 || intern(&key_status, "status") < 0 ||
         intern(&str_http, "http") < 0 ||
         intern(&str_response_start, "http.response.start") < 0 ||

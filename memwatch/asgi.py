@@ -95,8 +95,6 @@ class ASGIMiddleware:
         self._report_path = self._endpoints.report_path
         self._enabled = self.config.enabled
         self.framework = install_route_hooks(app) if self._enabled else None
-        # A 404 without a template is "__unmatched__" when a framework routes the requests.
-        self._unmatched = self.framework is not None
         self._enter: Callable[[Scope, Send], _Sender | None] = _python_only
         if _ASGIFast is not None:
             self._enter = _ASGIFast(
@@ -104,7 +102,8 @@ class ASGIMiddleware:
                 metrics_path=self._metrics_path,
                 report_path=self._report_path,
                 finish=self.finish,
-                unmatched=self._unmatched,
+                # A 404 without a template is "__unmatched__" when a framework routes.
+                unmatched=self.framework is not None,
                 fast=self._enabled and self.config.speedups,
             ).enter
         if self._enabled:
@@ -140,15 +139,11 @@ class ASGIMiddleware:
                 await _send_response(send, response)
                 return
         monitor = self.monitor
-        # Monitor.request_entry(), inlined: requests are numbered, and one comparison tells
-        # whether a drain, a sample or a measured request is due at this one.
-        ticket = next(monitor._tickets)
-        entry = None
-        if ticket >= monitor._next_event:
-            try:
-                entry = monitor._event(ticket)
-            except Exception as exc:
-                monitor.errors.record("asgi.entry", exc)
+        try:
+            entry = monitor.request_entry()
+        except Exception as exc:
+            monitor.errors.record("asgi.entry", exc)
+            entry = None
         root_path = scope.get("root_path") or ""
         status = 0
         tag = self._tag(scope) if monitor.diagnosis.window is not None else None
@@ -171,18 +166,7 @@ class ASGIMiddleware:
             status = 500
             raise
         finally:
-            if entry is None and tag is None:
-                # The fast path: route template, auth scheme, fingerprint and queued record in
-                # one call (in C when built); the recorder hands back what it does not cover.
-                try:
-                    if not monitor.recorder.finish_scope(
-                        scope, status or 500, root_path, self._unmatched
-                    ):
-                        self.finish(scope, status or 500, None, root_path)
-                except Exception as exc:
-                    monitor.errors.record("asgi.finish", exc)
-            else:
-                self.finish(scope, status or 500, entry, root_path, tag)
+            self.finish(scope, status or 500, entry, root_path, tag)
 
     def _tag(self, scope: Scope) -> Tag | None:
         try:

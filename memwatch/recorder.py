@@ -40,11 +40,6 @@ except ImportError:  # not built (no compiler at install time): the pure-Python 
 class Recorder(t.Protocol):
     """What the middlewares call at the end of a request (see the module docstring)."""
 
-    def finish_scope(self, scope: t.Any, status: int, root_path: str, unmatched: bool) -> bool:
-        """The whole end of an ASGI request on the fast path (route template, then
-        :meth:`record_scope`); False when the middleware's own ``finish`` must do it."""
-        ...
-
     def record_scope(
         self, scope: t.Any, template: str | None, path: str | None, status: int
     ) -> None: ...
@@ -75,9 +70,6 @@ class PyRecorder:
         self._from_environ = classifier.from_environ
         self._fingerprint = fingerprinter.fingerprint
 
-    def finish_scope(self, scope: t.Any, status: int, root_path: str, unmatched: bool) -> bool:
-        return False  # ASGIMiddleware.finish works the template out in Python
-
     def record_scope(
         self, scope: t.Any, template: str | None, path: str | None, status: int
     ) -> None:
@@ -97,7 +89,6 @@ class PyRecorder:
         auth, credential = self._from_environ(environ)
         fingerprint = self._fingerprint(credential) if credential else None
         self._append((template, path, method, auth, status, fingerprint))
-
 
     def take(self) -> tuple[dict[tuple[t.Any, ...], int], list[int], int]:
         return {}, [], 0  # every request went to the queue
