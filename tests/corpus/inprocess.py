@@ -14,7 +14,7 @@ own memwatch, as under a server, and two Django settings never meet.
   tracemalloc, retained bytes per request and per request of the leaking route (the figure in the
   catalogue).
 
-Prints one JSON object on its last line.
+Prints one JSON object on its last line (``soak`` also prints each poll on a line of its own before it).
 """
 
 from __future__ import annotations
@@ -178,9 +178,13 @@ def soak(case: Case, requests: int, seed: int) -> dict[str, Any]:
 
 
 def _soak_script(case: Case, requests: int, seed: int) -> Script:
+    """Each poll is written out as its own line (``{"poll": ...}``) as soon as it is read and
+    then dropped: a list of polls kept here would grow by about 15 bytes per request, in the
+    heap memwatch watches, which is as much as the smallest growth it may call a leak
+    (``min_growth_bytes``). :func:`soak_in_subprocess` gathers the lines."""
     traffic = Traffic(case, seed=seed)
-    polls: list[dict[str, Any]] = []
     unexpected = 0
+    first_flagged: int | None = None
     start = time.monotonic()
     for n in range(1, requests + 1):
         request = traffic.next()
@@ -189,17 +193,18 @@ def _soak_script(case: Case, requests: int, seed: int) -> Script:
         if n % SOAK_POLL_EVERY == 0 or n == requests:
             _, body = yield _get("/memwatch/report.json")
             poll = poll_from_report(json.loads(body), n, time.monotonic() - start)
-            polls.append(poll.brief())
+            if poll.suspected and first_flagged is None:
+                first_flagged = n
+            print(json.dumps({"poll": poll.brief()}), flush=True)
+            del body, poll
     _, metrics = yield _get("/metrics")
-    flagged = [p for p in polls if p["suspected"]]
     return {
         "case": case.name,
         "requests": requests,
         "seconds": round(time.monotonic() - start, 1),
         "unexpected_statuses": unexpected,
-        "first_flagged": flagged[0]["requests"] if flagged else None,
+        "first_flagged": first_flagged,
         "alerts_total": metric_value(metrics.decode(), "memwatch_leak_alerts_total"),
-        "polls": polls,
     }
 
 
@@ -272,7 +277,12 @@ def run_in_subprocess(args: list[str], timeout: float) -> dict[str, Any]:
             f"tests.corpus.inprocess {' '.join(args)} exited {completed.returncode}:\n"
             f"{completed.stderr[-3000:]}"
         )
-    return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    *lines, last = completed.stdout.strip().splitlines()
+    result: dict[str, Any] = json.loads(last)
+    polls = [json.loads(line)["poll"] for line in lines if line.startswith('{"poll":')]
+    if polls:
+        result["polls"] = polls
+    return result
 
 
 def soak_in_subprocess(
