@@ -939,25 +939,24 @@ class Monitor:
     def _rising(self) -> bool:
         """Whether the lower envelope of the heap (blocks net of pending containers) or of
         RSS rose faster than ``SENTINEL_RATE`` times its minimum growth per request over the
-        last ``SENTINEL_SAMPLES`` samples (a few Samples built: once per steady sample)."""
+        last ``SENTINEL_SAMPLES`` samples (read from the ring's columns: once per steady sample)."""
         cfg = self.config
         ring = self.history
         width = cfg.envelope_width
         if len(ring) < SENTINEL_SAMPLES + width:
             return False
-        now = [ring[-1 - k] for k in range(width)]
-        then = [ring[-1 - SENTINEL_SAMPLES - k] for k in range(width)]
-        elapsed = now[0].requests - then[0].requests
+        at_now, heap_now, rss_now = ring.lows(0, width)
+        at_then, heap_then, rss_then = ring.lows(SENTINEL_SAMPLES, width)
+        elapsed = at_now - at_then
         if elapsed <= 0:
             return False
-        for signal, scale in (("heap", cfg.heap_block_bytes), ("rss", 1.0)):
-            low = [v for v in (_reading(s, signal) for s in now) if v is not None]
-            old = [v for v in (_reading(s, signal) for s in then) if v is not None]
-            if len(low) < width or len(old) < width:
+        for low, old, scale, minimum in (
+            (heap_now, heap_then, cfg.heap_block_bytes, cfg.min_growth_bytes),
+            (rss_now, rss_then, 1.0, cfg.min_growth_rss),
+        ):
+            if low is None or old is None:
                 continue  # a reading missing: no envelope
-            rise = (min(low) - min(old)) * scale / elapsed
-            minimum = cfg.min_growth_rss if signal == "rss" else cfg.min_growth_bytes
-            if rise > SENTINEL_RATE * minimum:
+            if (low - old) * scale / elapsed > SENTINEL_RATE * minimum:
                 return True
         return False
 
@@ -1035,13 +1034,6 @@ class Monitor:
             diagnosis_windows=self.diagnosis.windows,
             diagnosis_active=self.diagnosis.window is not None,
         )
-
-
-def _reading(sample: Sample, signal: str) -> int | None:
-    """A sample's heap blocks net of pending containers, or its RSS; None when unread."""
-    if signal == "heap":
-        return None if sample.heap_blocks is None else sample.heap_blocks - sample.gc_pending
-    return sample.rss_bytes
 
 
 def _smoothed(previous: float, cost: float) -> float:

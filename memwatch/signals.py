@@ -139,6 +139,41 @@ class SampleRing:
             count += 1
         return count
 
+    def lows(self, back: int, width: int) -> tuple[int, int | None, int | None]:
+        """Over the ``width`` samples that end ``back`` samples before the last one: (requests at
+        the newest of them, the lowest heap blocks net of pending containers, the lowest RSS),
+        a reading None when one of the samples lacks it. No Sample is built: the steady
+        state's sentinel reads this at every sample."""
+        if not 0 < width <= self._len - back or back < 0:
+            raise IndexError("sample index out of range")
+        ints = self._ints
+        requests, heaps, pending, rsses = (
+            ints["requests"],
+            ints["heap_blocks"],
+            ints["gc_pending"],
+            ints["rss_bytes"],
+        )
+        newest = (self._start + self._len - 1 - back) % self.capacity
+        heap: int | None = None
+        rss: int | None = None
+        heap_ok = rss_ok = True
+        for k in range(width):
+            i = (newest - k) % self.capacity
+            if heap_ok:
+                blocks = heaps[i]
+                if blocks < 0:
+                    heap_ok, heap = False, None
+                else:
+                    net = blocks - pending[i]
+                    heap = net if heap is None else min(heap, net)
+            if rss_ok:
+                value = rsses[i]
+                if value < 0:
+                    rss_ok, rss = False, None
+                else:
+                    rss = value if rss is None else min(rss, value)
+        return requests[newest], heap, rss
+
     def tail(self, count: int) -> list[Sample]:
         """The last ``count`` samples, oldest first (only those are built)."""
         first = max(self._len - count, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import tracemalloc
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from memwatch.signals import Signals
+from memwatch.signals import Sample, SampleRing, Signals
 from tests.fixtures import FIXTURES, STATM, FakeClock, make_signals
 
 MiB = 1024 * 1024
@@ -210,3 +211,61 @@ def test_default_sources_are_the_interpreters() -> None:
     blocks = signals.heap_blocks()
     assert abs(blocks - sys.getallocatedblocks()) < 10_000
     assert signals.gc_collections() and all(isinstance(n, int) for n in signals.gc_collections())
+
+
+# --- the sample ring's envelope readings ------------------------------------------------------
+
+
+def _ring_sample(rng: random.Random, n: int) -> Sample:
+    return Sample(
+        time=float(n),
+        wall=1.7e9 + n,
+        requests=50 * n,
+        rss_bytes=None if rng.random() < 0.1 else rng.randrange(10**7, 2 * 10**7),
+        heap_blocks=None if rng.random() < 0.1 else rng.randrange(10**5, 2 * 10**5),
+        gc_pending=rng.randrange(0, 700),
+        gc_collections=(n, n // 10, n // 100),
+        traced_bytes=None,
+    )
+
+
+def _lows_from_samples(samples: list[Sample]) -> tuple[int, int | None, int | None]:
+    heaps = [s.heap_blocks - s.gc_pending for s in samples if s.heap_blocks is not None]
+    rsses = [s.rss_bytes for s in samples if s.rss_bytes is not None]
+    return (
+        samples[-1].requests,
+        min(heaps) if len(heaps) == len(samples) else None,
+        min(rsses) if len(rsses) == len(samples) else None,
+    )
+
+
+def test_ring_lows_match_the_samples_they_summarise() -> None:
+    # GIVEN a ring that has wrapped around several times, with some readings missing
+    rng = random.Random(3)
+    ring = SampleRing(37)
+    samples = [_ring_sample(rng, n) for n in range(1, 150)]
+    for sample in samples:
+        ring.append(sample)
+    kept = samples[-37:]
+    # THEN every block's lows are the minimum over the Samples the ring would build, and a
+    # block with a missing reading has none for that signal
+    seen_missing = False
+    for width in (1, 3, 5):
+        for back in range(0, 37 - width + 1):
+            block = kept[len(kept) - back - width : len(kept) - back]
+            expected = _lows_from_samples(block)
+            assert ring.lows(back, width) == expected
+            assert [ring[-1 - back - k] for k in range(width)] == block[::-1]
+            seen_missing = seen_missing or None in expected
+    assert seen_missing
+
+
+def test_ring_lows_out_of_range() -> None:
+    ring = SampleRing(8)
+    for n in range(1, 5):
+        ring.append(_ring_sample(random.Random(n), n))
+    with pytest.raises(IndexError):
+        ring.lows(2, 3)
+    with pytest.raises(IndexError):
+        ring.lows(0, 0)
+    assert ring.lows(1, 3)[0] == 150
