@@ -330,6 +330,18 @@ hash_bytes(const char *data, Py_ssize_t n)
 #endif
 }
 
+/* The fingerprint's value for ASCII credential bytes (use_hash only). */
+static uint64_t
+hash_ascii(Recorder *self, const char *data, Py_ssize_t n)
+{
+    uint64_t value = (uint64_t)hash_bytes(data, n) ^ self->salt;
+    if (self->mix) {
+        value *= MIX_MULTIPLIER;
+        value ^= value >> 32;
+    }
+    return value;
+}
+
 /* The fingerprint of ASCII credential bytes; NULL with an exception set on failure. */
 static PyObject *
 fingerprint_ascii(Recorder *self, const char *data, Py_ssize_t n)
@@ -343,13 +355,7 @@ fingerprint_ascii(Recorder *self, const char *data, Py_ssize_t n)
         Py_DECREF(credential);
         return result;
     }
-    Py_hash_t h = hash_bytes(data, n);
-    uint64_t value = (uint64_t)h ^ self->salt;
-    if (self->mix) {
-        value *= MIX_MULTIPLIER;
-        value ^= value >> 32;
-    }
-    return PyLong_FromUnsignedLongLong((unsigned long long)value);
+    return PyLong_FromUnsignedLongLong((unsigned long long)hash_ascii(self, data, n));
 }
 
 /* Whether two label values are the same for counting: identical, or equal str or int. */
@@ -417,15 +423,12 @@ done:
     return rc;
 }
 
-/* Folds a fingerprint into its scheme's HyperLogLog (the register keeps the largest rank) and
- * samples it for the first-seen filter, as Monitor's drain does for queued records. */
+/* Folds a fingerprint's value into its scheme's HyperLogLog (the register keeps the largest
+ * rank) and samples it for the first-seen filter, as Monitor's drain does for queued records.
+ * fp is the value as a Python int, or NULL: it is made only when the value is noted. */
 static int
-tally_fingerprint(Recorder *self, PyObject *auth, PyObject *fp)
+tally_hash(Recorder *self, PyObject *auth, uint64_t h, PyObject *fp)
 {
-    uint64_t h = (uint64_t)PyLong_AsUnsignedLongLong(fp);
-    if (h == (uint64_t)-1 && PyErr_Occurred()) {
-        return -1;
-    }
     PyObject *sketch = PyDict_GetItemWithError(self->sketches, auth);
     if (sketch == NULL && PyErr_Occurred()) {
         return -1;
@@ -448,7 +451,14 @@ tally_fingerprint(Recorder *self, PyObject *auth, PyObject *fp)
     }
     if (h % FIRST_SEEN_SAMPLING == 0 && !(self->has_noted && self->last_noted == h) &&
         PyList_GET_SIZE(self->noted) < TALLY_MAX_NOTED) {
-        if (PyList_Append(self->noted, fp) < 0) {
+        PyObject *value = fp != NULL ? Py_NewRef(fp)
+                                     : PyLong_FromUnsignedLongLong((unsigned long long)h);
+        if (value == NULL) {
+            return -1;
+        }
+        int rc = PyList_Append(self->noted, value);
+        Py_DECREF(value);
+        if (rc < 0) {
             return -1;
         }
         self->last_noted = h;
@@ -457,10 +467,10 @@ tally_fingerprint(Recorder *self, PyObject *auth, PyObject *fp)
     return 0;
 }
 
-/* Counts a request in tally mode; steals fp. */
-static PyObject *
-tally(Recorder *self, PyObject *template, PyObject *path, PyObject *method, PyObject *auth,
-      PyObject *status, PyObject *fp)
+/* Counts a request's labels in tally mode: the current run, or a new one. -1 on error. */
+static int
+tally_labels(Recorder *self, PyObject *template, PyObject *path, PyObject *method,
+             PyObject *auth, PyObject *status)
 {
     PyObject *key = self->run_key; /* the comparisons below run no Python code */
     if (!(key != NULL &&
@@ -470,18 +480,28 @@ tally(Recorder *self, PyObject *template, PyObject *path, PyObject *method, PyOb
           same_label(PyTuple_GET_ITEM(key, 3), auth) &&
           same_label(PyTuple_GET_ITEM(key, 4), status))) {
         if (flush_run(self) < 0) {
-            Py_DECREF(fp);
-            return NULL;
+            return -1;
         }
         PyObject *labels = PyTuple_Pack(5, template, path, method, auth, status);
         if (labels == NULL) {
-            Py_DECREF(fp);
-            return NULL;
+            return -1;
         }
         Py_XSETREF(self->run_key, labels);
     }
     self->run_count++;
-    int rc = fp == Py_None ? 0 : tally_fingerprint(self, auth, fp);
+    return 0;
+}
+
+/* Counts a request in tally mode; steals fp. */
+static PyObject *
+tally(Recorder *self, PyObject *template, PyObject *path, PyObject *method, PyObject *auth,
+      PyObject *status, PyObject *fp)
+{
+    int rc = tally_labels(self, template, path, method, auth, status);
+    if (rc == 0 && fp != Py_None) {
+        uint64_t h = (uint64_t)PyLong_AsUnsignedLongLong(fp);
+        rc = h == (uint64_t)-1 && PyErr_Occurred() ? -1 : tally_hash(self, auth, h, fp);
+    }
     Py_DECREF(fp);
     if (rc < 0) {
         return NULL;
@@ -542,6 +562,27 @@ enqueue(Recorder *self, PyObject *template, PyObject *path, PyObject *method, Py
         return NULL;
     }
     Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+/* Records a request whose credential is the ASCII bytes data[0:n] (the common cases). In tally
+ * mode with the built-in hash the fingerprint's value goes straight into the sketches: no
+ * Python int is made for it unless it is noted for the first-seen filter. */
+static PyObject *
+enqueue_ascii(Recorder *self, PyObject *template, PyObject *path, PyObject *method,
+              PyObject *auth, PyObject *status, const char *data, Py_ssize_t n)
+{
+    if (self->counts == NULL || !self->use_hash) {
+        PyObject *fp = fingerprint_ascii(self, data, n);
+        if (fp == NULL) {
+            return NULL;
+        }
+        return enqueue(self, template, path, method, auth, status, fp);
+    }
+    if (tally_labels(self, template, path, method, auth, status) < 0 ||
+        tally_hash(self, auth, hash_ascii(self, data, n), NULL) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -683,17 +724,13 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
     }
-    PyObject *fp;
     if (authorization != NULL && PyBytes_GET_SIZE(authorization) > 0) {
         const unsigned char *a = (const unsigned char *)PyBytes_AS_STRING(authorization);
         Py_ssize_t n = PyBytes_GET_SIZE(authorization);
         if (n >= 8 && n <= MAX_VALUE && memcmp(a, "Bearer ", 7) == 0 && !self->blank[a[7]] &&
             !self->blank[a[n - 1]] && is_ascii(a + 7, n - 7)) {
-            fp = fingerprint_ascii(self, (const char *)a + 7, n - 7);
-            if (fp == NULL) {
-                return NULL;
-            }
-            return enqueue(self, template, path, method, str_bearer, status, fp);
+            return enqueue_ascii(self, template, path, method, str_bearer, status,
+                                 (const char *)a + 7, n - 7);
         }
         goto reference;
     }
@@ -703,11 +740,8 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (n > MAX_VALUE || !is_ascii(a, n)) {
             goto reference;
         }
-        fp = fingerprint_ascii(self, (const char *)a, n);
-        if (fp == NULL) {
-            return NULL;
-        }
-        return enqueue(self, template, path, method, str_apikey, status, fp);
+        return enqueue_ascii(self, template, path, method, str_apikey, status,
+                             (const char *)a, n);
     }
     PyObject *query = PyDict_GetItemWithError(scope, key_query_string);
     if (query == NULL) {
@@ -785,11 +819,8 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (n > 0) {
             if (n >= 8 && n <= MAX_VALUE && memcmp(a, "Bearer ", 7) == 0 &&
                 !self->blank[a[7]] && !self->blank[a[n - 1]]) {
-                PyObject *fp = fingerprint_ascii(self, (const char *)a + 7, n - 7);
-                if (fp == NULL) {
-                    return NULL;
-                }
-                return enqueue(self, template, path, method, str_bearer, status, fp);
+                return enqueue_ascii(self, template, path, method, str_bearer, status,
+                                     (const char *)a + 7, n - 7);
             }
             goto reference;
         }
@@ -813,11 +844,8 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (n == 0) {
             continue;
         }
-        PyObject *fp = fingerprint_ascii(self, (const char *)a, n);
-        if (fp == NULL) {
-            return NULL;
-        }
-        return enqueue(self, template, path, method, str_apikey, status, fp);
+        return enqueue_ascii(self, template, path, method, str_apikey, status,
+                             (const char *)a, n);
     }
     value = PyDict_GetItemWithError(environ, key_query_env);
     if (value == NULL && PyErr_Occurred()) {
