@@ -6,8 +6,8 @@ evaluations) waits for those sparser samples, unless it is fast enough to trip t
 state's sentinel. This harness measures that delay, in process: the in-process benchmark's
 Starlette app (``benchmarks/inprocess.py``), wrapped at default settings, driven by its
 requests; from request ``--start`` on, every request of the endpoint keeps about ``--bytes``
-bytes (small ``str`` objects appended to a module-level list, the shape of most leaks of the
-detection corpus). The verdict is read every 500 requests.
+bytes (64-byte ``str`` objects appended to a module-level list: one heap block each, so the
+bytes are those memwatch's heap signal counts, at ``heap_block_bytes`` = 64). The verdict is read every 500 requests.
 
     .venv/bin/python benchmarks/late_leak.py                         # 260, 55 and 27 B/request
     .venv/bin/python benchmarks/late_leak.py --bytes 27 --start 30000 --max 120000
@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,9 +36,11 @@ import inprocess as bench
 import memwatch
 
 POLL_EVERY = 500
-# One kept object: a 64-character str (113 bytes with its header) and its list slot.
-UNIT = "x" * 64
-UNIT_BYTES = sys.getsizeof(UNIT) + 8
+# One kept object: a 15-character str, 64 bytes with its header, one Python heap block of the
+# size memwatch assumes (heap_block_bytes): the leak's bytes per request are the heap signal's.
+# (Its slot in the list's item array, 8 bytes, is in a large malloc'ed array, not a block.)
+UNIT = "x" * 15
+UNIT_BYTES = sys.getsizeof(UNIT)
 
 
 class LeakAfter:
@@ -85,13 +90,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--start", type=int, default=30_000, help="request the leak starts at")
     parser.add_argument("--max", type=int, default=150_000, help="requests at most per run")
+    parser.add_argument(
+        "--extra-objects", type=int, default=0, help="live objects held in the heap (default 0)"
+    )
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.getLogger("memwatch").setLevel(logging.ERROR)  # no alert lines in the output
     sizes = args.bytes or [260.0, 55.0, 27.0]
-    print(f"leak starting at request {args.start:,}; verdict read every {POLL_EVERY} requests")
+    if args.one:  # the child: one leak size, the result on stdout
+        held = bench.hold_extra_objects(args.extra_objects)  # noqa: F841 - kept alive
+        gc.collect()
+        print(json.dumps(run(sizes[0], args.start, args.max)))
+        return 0
+    print(
+        f"leak starting at request {args.start:,}; verdict read every {POLL_EVERY} requests; "
+        f"{args.extra_objects:,} extra live objects"
+    )
     for size in sizes:
+        # One process per run: a flagged leak opens a diagnosis window, and tracemalloc, which
+        # it starts, is process-wide.
         began = time.perf_counter()
-        found = run(size, args.start, args.max)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                "--bytes",
+                str(size),
+                "--start",
+                str(args.start),
+                "--max",
+                str(args.max),
+                "--extra-objects",
+                str(args.extra_objects),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        found = json.loads(child.stdout.strip().splitlines()[-1])
         took = time.perf_counter() - began
         verdict = "not flagged" if found is None else f"flagged {found:,} requests after its start"
         print(f"{size:g} B/request: {verdict} ({took:.0f} s)", flush=True)
