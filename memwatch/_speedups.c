@@ -64,7 +64,16 @@ typedef struct {
     uint64_t last_noted;
     int has_noted;
     Py_ssize_t dropped;        /* requests not counted: the tally was full (never drained) */
+    /* What the last few Starlette route objects said (see starlette_template): a route's
+     * `routes` and `path` attributes are read once, not at every request. */
+    struct {
+        PyObject *route;       /* held: at most ROUTE_MEMO routes are kept alive by this */
+        PyObject *path;        /* its `path` when a str, else NULL */
+        int mount;             /* it has `routes`: a Mount or Host, no endpoint matched */
+    } route_memo[8];
 } Recorder;
+
+#define ROUTE_MEMO 8
 
 #define TALLY_MAX_KEYS 65536
 #define TALLY_MAX_NOTED 65536
@@ -91,6 +100,10 @@ Recorder_traverse(Recorder *self, visitproc visit, void *arg)
     Py_VISIT(self->counts);
     Py_VISIT(self->run_key);
     Py_VISIT(self->noted);
+    for (int i = 0; i < ROUTE_MEMO; i++) {
+        Py_VISIT(self->route_memo[i].route);
+        Py_VISIT(self->route_memo[i].path);
+    }
     return 0;
 }
 
@@ -109,6 +122,10 @@ Recorder_clear(Recorder *self)
     Py_CLEAR(self->counts);
     Py_CLEAR(self->run_key);
     Py_CLEAR(self->noted);
+    for (int i = 0; i < ROUTE_MEMO; i++) {
+        Py_CLEAR(self->route_memo[i].route);
+        Py_CLEAR(self->route_memo[i].path);
+    }
     return 0;
 }
 
@@ -884,7 +901,8 @@ reference:
  * reference in *template (NULL: none). Returns 1 when decided, 0 when the Python function must
  * decide (a mount prefix to normalise, unusual types), -1 on error. */
 static int
-starlette_template(PyObject *scope, PyObject *entry_root_path, PyObject **template)
+starlette_template(Recorder *self, PyObject *scope, PyObject *entry_root_path,
+                   PyObject **template)
 {
     *template = NULL;
     if (!PyUnicode_Check(entry_root_path)) {
@@ -897,18 +915,37 @@ starlette_template(PyObject *scope, PyObject *entry_root_path, PyObject **templa
     if (route == Py_None) {
         return 1;
     }
-    PyObject *routes;
-    int found = lookup_attr(route, key_routes, &routes);
-    if (found < 0) {
-        return -1;
-    }
-    if (found) {
-        Py_DECREF(routes);
-        return 1; /* a Mount or Host: no endpoint matched */
-    }
+    /* A route's `routes` and `path` are set when the app is built and never change after (in
+     * Starlette and FastAPI): they are read once per route object and kept, for the last
+     * ROUTE_MEMO route objects seen (by identity). */
+    int slot = (int)(((uintptr_t)route >> 4) % ROUTE_MEMO);
     PyObject *path;
-    if (lookup_attr(route, key_path, &path) < 0) {
-        return -1;
+    if (self->route_memo[slot].route == route) {
+        if (self->route_memo[slot].mount) {
+            return 1; /* a Mount or Host: no endpoint matched */
+        }
+        path = Py_XNewRef(self->route_memo[slot].path);
+    }
+    else {
+        PyObject *routes;
+        int found = lookup_attr(route, key_routes, &routes);
+        if (found < 0) {
+            return -1;
+        }
+        Py_XDECREF(routes);
+        path = NULL;
+        if (!found && lookup_attr(route, key_path, &path) < 0) {
+            return -1;
+        }
+        if (path != NULL && !PyUnicode_Check(path)) {
+            Py_CLEAR(path); /* not a str: no template of its own */
+        }
+        Py_XSETREF(self->route_memo[slot].route, Py_NewRef(route));
+        Py_XSETREF(self->route_memo[slot].path, Py_XNewRef(path));
+        self->route_memo[slot].mount = found;
+        if (found) {
+            return 1; /* a Mount or Host: no endpoint matched */
+        }
     }
     PyObject *fastapi = PyDict_GetItemWithError(scope, key_fastapi);
     if (fastapi == NULL && PyErr_Occurred()) {
@@ -998,7 +1035,7 @@ Recorder_finish_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(template);
     }
     else {
-        int decided = starlette_template(scope, entry_root_path, &template);
+        int decided = starlette_template(self, scope, entry_root_path, &template);
         if (decided < 0) {
             return NULL;
         }
@@ -1465,6 +1502,30 @@ static PyTypeObject WSGIResponseType = {
 /* Whether a request is for one of memwatch's own paths (Endpoints.handles), from the path
  * under `key` in its environ or scope: 1 yes (or a path of an unusual type: the Python path
  * decides), 0 no, -1 error. */
+/* Whether str `text` starts with str `prefix` (and, with `whole`, is equal to it): 1 yes, 0 no,
+ * -1 error. One memcmp when both are stored with the same character width, as a path and
+ * memwatch's own paths nearly always are (PyUnicode_Tailmatch's general code is cold at every
+ * request). */
+static int
+str_starts(PyObject *text, PyObject *prefix, int whole)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(text) < 0 || PyUnicode_READY(prefix) < 0) {
+        return -1;
+    }
+#endif
+    Py_ssize_t n = PyUnicode_GET_LENGTH(prefix);
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (length < n || (whole && length != n)) {
+        return 0;
+    }
+    int kind = PyUnicode_KIND(prefix);
+    if (PyUnicode_KIND(text) == kind) {
+        return memcmp(PyUnicode_DATA(text), PyUnicode_DATA(prefix), (size_t)n * (size_t)kind) == 0;
+    }
+    return (int)PyUnicode_Tailmatch(text, prefix, 0, n, -1);
+}
+
 static int
 is_own_path(PyObject *mapping, PyObject *key, PyObject *metrics_path, PyObject *report_path)
 {
@@ -1482,16 +1543,12 @@ is_own_path(PyObject *mapping, PyObject *key, PyObject *metrics_path, PyObject *
         path = str_root;
     }
     if (metrics_path != Py_None) {
-        int same = PyUnicode_Compare(path, metrics_path) == 0;
-        if (same) {
-            return 1;
-        }
-        if (PyErr_Occurred()) {
-            return -1;
+        int same = str_starts(path, metrics_path, 1);
+        if (same != 0) {
+            return same;
         }
     }
-    Py_ssize_t starts = PyUnicode_Tailmatch(path, report_path, 0, PY_SSIZE_T_MAX, -1);
-    return starts < 0 ? -1 : (int)starts;
+    return str_starts(path, report_path, 0);
 }
 
 /* Monitor.request_entry() for a request the compiled path may serve: the request is numbered

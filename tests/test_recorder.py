@@ -614,3 +614,104 @@ def test_rule_slot_behaves_as_a_plain_attribute_and_copies_the_template() -> Non
     del odd.environ
     odd.url_rule = object()
     assert odd.url_rule is not None
+
+
+def _starlette_counts(speedups: bool, order: list[str]) -> dict[Any, int]:
+    """Routes as memwatch counts them for Starlette requests in ``order``."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    import memwatch
+
+    async def endpoint(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    routes: list[Any] = [Route(f"/r{k}/{{item_id:int}}", endpoint) for k in range(20)]
+    routes.append(Mount("/sub", routes=[Route("/leaf/{name}", endpoint)]))
+    mw = memwatch.wrap(
+        Starlette(routes=routes), log_startup=False, request_sample_rate=0.0, speedups=speedups
+    )
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def run() -> None:
+        for path in order:
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "GET",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [],
+                "server": ("127.0.0.1", 8000),
+            }
+            await mw(scope, receive, send)
+
+    asyncio.run(run())
+    return dict(mw.monitor.snapshot().counts)
+
+
+@needs_compiled
+def test_route_memo_gives_the_templates_of_the_python_path() -> None:
+    # GIVEN 21 routes (more than the compiled path keeps in its memo of route objects, so that
+    # entries are replaced), a mounted one among them, and unmatched paths, in a seeded order
+    import random
+
+    rng = random.Random(8)
+    paths = [f"/r{k}/{rng.randrange(1000)}" for k in range(20)] + ["/sub/leaf/x", "/nowhere"]
+    order = [rng.choice(paths) for _ in range(600)]
+    # THEN the compiled path counts exactly what the Python path counts
+    compiled = _starlette_counts(True, order)
+    assert compiled == _starlette_counts(False, order)
+    assert ("/r3/{item_id:int}", "GET", "anonymous", "ok") in compiled
+    assert ("/sub/leaf/{name}", "GET", "anonymous", "ok") in compiled
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    ("path", "own"),
+    [
+        ("/memwatch/report.json", True),
+        ("/memwatch/€", True),  # a wider string than the prefix
+        ("/metrics", True),
+        ("/metrics/", False),
+        ("/metricsx", False),
+        ("/métrics", False),
+        ("/memwatc", False),
+        ("", False),
+    ],
+)
+def test_own_paths_are_told_apart_at_any_character_width(path: str, own: bool) -> None:
+    import asyncio
+
+    import memwatch
+
+    called: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    mw = memwatch.ASGIMiddleware(app, log_startup=False, request_sample_rate=0.0)
+    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
+    asyncio.run(mw(scope, receive, send))
+    # memwatch's own paths are answered by memwatch (or refused), never passed to the app
+    assert (called == []) is own
