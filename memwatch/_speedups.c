@@ -1119,6 +1119,54 @@ static PyTypeObject RecorderType = {
     .tp_methods = Recorder_methods,
 };
 
+/* --- the request gate ----------------------------------------------------------------------
+ *
+ * Gate numbers the requests as they enter and says when the monitor has work due
+ * (memwatch.recorder.PyGate is the reference): due() takes the next number and returns it when
+ * it has reached next_event, else None. The compiled middlewares read the fields directly. */
+
+typedef struct {
+    PyObject_HEAD
+    long long next;        /* the next request's number */
+    long long next_event;  /* the first number for which Monitor._event runs */
+} Gate;
+
+static PyTypeObject GateType;
+
+static PyObject *
+Gate_due(Gate *self, PyObject *Py_UNUSED(ignored))
+{
+    long long number = self->next++;
+    if (number < self->next_event) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromLongLong(number);
+}
+
+static PyMethodDef Gate_methods[] = {
+    {"due", (PyCFunction)Gate_due, METH_NOARGS,
+     "due() -> int | None: the next request's number when the monitor has work due for it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Gate_members[] = {
+    {"next_event", T_LONGLONG, offsetof(Gate, next_event), 0,
+     "The first request number for which the monitor's _event runs."},
+    {"issued", T_LONGLONG, offsetof(Gate, next), READONLY, "Request numbers taken so far."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject GateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memwatch._speedups.Gate",
+    .tp_doc = "Request numbering and the due-event test (memwatch.recorder.PyGate in C).",
+    .tp_basicsize = sizeof(Gate),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = Gate_methods,
+    .tp_members = Gate_members,
+};
+
 /* --- the WSGI middleware's fast path ------------------------------------------------------
  *
  * WSGIBase is the compiled base of memwatch.wsgi.WSGIMiddleware. Its __call__ serves the common
@@ -1131,7 +1179,7 @@ static PyTypeObject RecorderType = {
  * monitor.errors.record() and the request goes on.
  */
 
-static PyObject *key_path_info, *key_file_wrapper, *key_tickets, *key_next_event, *key_event;
+static PyObject *key_path_info, *key_file_wrapper, *key_gate, *key_due, *key_event;
 static PyObject *key_diagnosis, *key_window, *key_recorder, *key_record_environ, *key_errors;
 static PyObject *key_record, *key_respond, *str_500, *str_wsgi_entry, *str_wsgi_finish;
 static PyObject *key_close, *key_call_python;
@@ -1575,12 +1623,23 @@ enter_request(PyObject *monitor, DictCache *monitor_dict, DictCache *diagnosis_d
         return NULL;
     }
     PyObject *entry = Py_NewRef(Py_None);
-    PyObject *tickets = cached_attr(monitor_dict, monitor, key_tickets);
-    PyObject *ticket = tickets == NULL ? NULL : PyIter_Next(tickets);
-    Py_XDECREF(tickets);
-    PyObject *next_event = ticket == NULL ? NULL : cached_attr(monitor_dict, monitor, key_next_event);
-    int due = next_event == NULL ? -1 : PyObject_RichCompareBool(ticket, next_event, Py_GE);
-    Py_XDECREF(next_event);
+    PyObject *gate = cached_attr(monitor_dict, monitor, key_gate);
+    PyObject *ticket = NULL;
+    int due = -1;
+    if (gate != NULL && Py_TYPE(gate) == &GateType) {
+        Gate *g = (Gate *)gate;
+        long long number = g->next++;
+        due = number >= g->next_event;
+        if (due) {
+            ticket = PyLong_FromLongLong(number);
+            due = ticket == NULL ? -1 : 1;
+        }
+    }
+    else if (gate != NULL) { /* the Python gate (a test's, say) */
+        ticket = PyObject_CallMethodNoArgs(gate, key_due);
+        due = ticket == NULL ? -1 : ticket != Py_None;
+    }
+    Py_XDECREF(gate);
     if (due > 0) {
         PyObject *probe = PyObject_CallMethodOneArg(monitor, key_event, ticket);
         if (probe == NULL) {
@@ -2247,7 +2306,7 @@ PyInit__speedups(void)
         intern(&str_unmatched, "__unmatched__") < 0 || intern(&str_root, "/") < 0 ||
         intern(&key_path_info, "PATH_INFO") < 0 ||
         intern(&key_file_wrapper, "wsgi.file_wrapper") < 0 ||
-        intern(&key_tickets, "_tickets") < 0 || intern(&key_next_event, "_next_event") < 0 ||
+        intern(&key_gate, "_gate") < 0 || intern(&key_due, "due") < 0 ||
         intern(&key_event, "_event") < 0 || intern(&key_diagnosis, "diagnosis") < 0 ||
         intern(&key_window, "window") < 0 || intern(&key_recorder, "recorder") < 0 ||
         intern(&key_record_environ, "record_environ") < 0 ||
@@ -2272,7 +2331,8 @@ PyInit__speedups(void)
     }
     if (PyType_Ready(&RecorderType) < 0 || PyType_Ready(&WSGIResponseType) < 0 ||
         PyType_Ready(&WSGIBaseType) < 0 || PyType_Ready(&ASGIFastType) < 0 ||
-        PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&RuleSlotType) < 0) {
+        PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&RuleSlotType) < 0 ||
+        PyType_Ready(&GateType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -2284,7 +2344,8 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(module, "WSGIResponse", (PyObject *)&WSGIResponseType) < 0 ||
         PyModule_AddObjectRef(module, "ASGIFast", (PyObject *)&ASGIFastType) < 0 ||
         PyModule_AddObjectRef(module, "StatusSend", (PyObject *)&StatusSendType) < 0 ||
-        PyModule_AddObjectRef(module, "RuleSlot", (PyObject *)&RuleSlotType) < 0) {
+        PyModule_AddObjectRef(module, "RuleSlot", (PyObject *)&RuleSlotType) < 0 ||
+        PyModule_AddObjectRef(module, "Gate", (PyObject *)&GateType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

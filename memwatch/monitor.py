@@ -39,7 +39,7 @@ from memwatch.config import Config
 from memwatch.detector import MAX_CONCURRENCY, MIN_POINTS, CollectCheck, Detector, Verdict
 from memwatch.diagnosis import Diagnosis, DiagnosisResult, Tag, combined
 from memwatch.errors import InternalErrors, logger
-from memwatch.recorder import Recorder, make_recorder
+from memwatch.recorder import Recorder, make_gate, make_recorder
 from memwatch.routes import RouteTable, normalize_path
 from memwatch.signals import Sample, SampleRing, Signals
 from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
@@ -286,8 +286,7 @@ class Monitor:
         # Requests are numbered at entry; one comparison per request decides whether anything
         # besides counting is due (a drain, a sample, a probe, a pair to close).
         self._pending.clear()
-        self._tickets = itertools.count()
-        self._next_event = 0
+        self._gate = make_gate(compiled=self.config.speedups)
         self.recorder = self._make_recorder()
         self._next_drain = 0
         self._next_probe = self._probe_gap()
@@ -324,8 +323,8 @@ class Monitor:
         has finished takes them again (see :mod:`memwatch.attribution`). Drains of the queue
         and periodic samples also run here, at the entry of the request whose number is due.
         """
-        ticket = next(self._tickets)
-        if ticket < self._next_event:
+        ticket = self._gate.due()
+        if ticket is None:
             return None
         return self._event(ticket)
 
@@ -350,7 +349,7 @@ class Monitor:
             self._next_probe = ticket + self._probe_gap()
             if self._inflight is None:
                 probe = self._probe_open()
-        self._next_event = (
+        self._gate.next_event = (
             0 if self._closable is not None else min(self._next_drain, self._next_probe)
         )
         return probe
@@ -560,7 +559,7 @@ class Monitor:
         if probe is self._inflight:
             self._inflight = None
             self._closable = probe  # the next request to enter closes the pair
-            self._next_event = 0
+            self._gate.next_event = 0
             return
         pair = probe.pair
         if pair is None or pair.a.key is None or pair.b.key is None:

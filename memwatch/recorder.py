@@ -19,6 +19,7 @@ API key) and calls the reference for everything else, so it can never classify d
 
 from __future__ import annotations
 
+import itertools
 import types
 import typing as t
 from collections.abc import Callable
@@ -26,7 +27,15 @@ from collections.abc import Callable
 from memwatch.auth import AuthClassifier
 from memwatch.sketch import Fingerprinter, HyperLogLog
 
-__all__ = ["PyRecorder", "Recorder", "compiled_available", "make_recorder"]
+__all__ = [
+    "Gate",
+    "PyGate",
+    "PyRecorder",
+    "Recorder",
+    "compiled_available",
+    "make_gate",
+    "make_recorder",
+]
 
 Append = Callable[[tuple[t.Any, ...]], object]
 
@@ -92,6 +101,40 @@ class PyRecorder:
 
     def take(self) -> tuple[dict[tuple[t.Any, ...], int], list[int], int]:
         return {}, [], 0  # every request went to the queue
+
+
+class Gate(t.Protocol):
+    """Numbers the requests as they enter and says when the monitor has work due.
+
+    ``due()`` takes the next number (0, 1, 2, ...) and returns it when it has reached
+    ``next_event`` (the monitor's ``_event`` then runs for it), else None: one call and one
+    comparison per request. The compiled middlewares read the C gate's fields directly."""
+
+    next_event: int
+
+    def due(self) -> int | None: ...
+
+
+class PyGate:
+    """The reference gate, in Python."""
+
+    __slots__ = ("_numbers", "next_event")
+
+    def __init__(self) -> None:
+        self._numbers = itertools.count()
+        self.next_event = 0
+
+    def due(self) -> int | None:
+        number = next(self._numbers)
+        return number if number >= self.next_event else None
+
+
+def make_gate(*, compiled: bool = True) -> Gate:
+    """The C gate when asked for and built, else :class:`PyGate`."""
+    if not compiled or _speedups is None:
+        return PyGate()
+    gate: Gate = _speedups.Gate()
+    return gate
 
 
 def compiled_available() -> bool:

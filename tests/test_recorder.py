@@ -715,3 +715,39 @@ def test_own_paths_are_told_apart_at_any_character_width(path: str, own: bool) -
     asyncio.run(mw(scope, receive, send))
     # memwatch's own paths are answered by memwatch (or refused), never passed to the app
     assert (called == []) is own
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gate_numbers_requests_and_says_when_work_is_due(compiled: bool) -> None:
+    from memwatch.recorder import PyGate, make_gate
+
+    if compiled and not compiled_available():
+        pytest.skip("memwatch._speedups is not built")
+    gate = make_gate(compiled=compiled)
+    assert (type(gate) is PyGate) is not compiled
+    # GIVEN work due at 0, then at 5, then at 7 (set when the work due runs, as the monitor does)
+    due = []
+    plan = {0: 5, 5: 7, 7: 2**62}
+    for _ in range(12):
+        number = gate.due()
+        due.append(number)
+        if number is not None:
+            gate.next_event = plan[number]
+    # THEN exactly those numbers come back, and the others are None
+    assert due == [0, None, None, None, None, 5, None, 7, None, None, None, None]
+    # AND the next event can be moved back (a measured request's pair to close): due at once
+    gate.next_event = 0
+    assert gate.due() == 12
+
+
+@needs_compiled
+def test_compiled_gate_bounds() -> None:
+    from memwatch._speedups import Gate
+
+    gate = Gate()
+    with pytest.raises(OverflowError):
+        gate.next_event = 2**63
+    with pytest.raises(AttributeError):
+        gate.issued = 3  # type: ignore[misc]
+    gate.due()
+    assert gate.issued == 1
