@@ -51,6 +51,7 @@ typedef struct {
     PyObject *apikey_environ;  /* tuple of str: the same as WSGI environ keys */
     PyObject *query_needles;   /* tuple of bytes: "name=" for each query parameter, lower case */
     PyObject *cookie_needles;  /* tuple of bytes: "name=" for each session cookie, lower case */
+    int query_mode, cookie_mode; /* how to search for each set of needles (needle_mode) */
     unsigned char blank[256];  /* bytes whose latin-1 character str.isspace() is true for */
     uint64_t salt;
     int use_hash;              /* 0: every fingerprint through the reference (explicit key) */
@@ -153,6 +154,8 @@ check_bytes_tuple(PyObject *tuple, const char *what)
     return 0;
 }
 
+static int needle_mode(PyObject *needles);
+
 static int
 Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
 {
@@ -237,6 +240,8 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->apikey_environ, Py_NewRef(apikey_environ));
     Py_XSETREF(self->query_needles, Py_NewRef(query_needles));
     Py_XSETREF(self->cookie_needles, Py_NewRef(cookie_needles));
+    self->query_mode = needle_mode(query_needles);
+    self->cookie_mode = needle_mode(cookie_needles);
     Py_CLEAR(self->sketches);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->run_key);
@@ -274,10 +279,7 @@ lower_ascii(unsigned char c)
     return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
 }
 
-/* Whether any needle (lower-case bytes) occurs in text, ignoring ASCII case. For latin-1 text
- * and ASCII needles this is what `needle in text.decode("latin-1").lower()` answers: lowering a
- * latin-1 character never makes or unmakes an ASCII one, nor changes the length. A needle with
- * a non-ASCII byte counts as found (the reference decides). */
+/* Whether the m bytes at text are the needle (lower-case bytes), ignoring ASCII case. */
 static int
 needle_at(const unsigned char *text, const unsigned char *needle, Py_ssize_t m)
 {
@@ -289,23 +291,47 @@ needle_at(const unsigned char *text, const unsigned char *needle, Py_ssize_t m)
     return 1;
 }
 
+/* How a set of needles is searched for, decided once when the recorder is made. */
+enum {
+    NEEDLES_ALWAYS, /* an empty or non-ASCII needle: every text goes to the reference */
+    NEEDLES_EQUALS, /* every needle is "name=": look only where an '=' is */
+    NEEDLES_SCAN,   /* anything else: every position */
+};
+
 static int
-any_needle(PyObject *needles, const unsigned char *text, Py_ssize_t n)
+needle_mode(PyObject *needles)
 {
-    Py_ssize_t count = PyTuple_GET_SIZE(needles);
-    int all_end_in_equals = 1;
-    for (Py_ssize_t k = 0; k < count; k++) {
+    int mode = NEEDLES_EQUALS;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(needles); k++) {
         PyObject *needle = PyTuple_GET_ITEM(needles, k);
         const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(needle);
         Py_ssize_t m = PyBytes_GET_SIZE(needle);
         if (m == 0 || !is_ascii(s, m)) {
-            return 1;
+            return NEEDLES_ALWAYS;
         }
         if (s[m - 1] != '=') {
-            all_end_in_equals = 0;
+            mode = NEEDLES_SCAN;
         }
     }
-    if (all_end_in_equals) {
+    return mode;
+}
+
+/* Whether any needle (lower-case bytes) occurs in the first MAX_VALUE bytes of text, ignoring
+ * ASCII case. For latin-1 text and ASCII needles this is what
+ * `needle in text.decode("latin-1").lower()` answers: lowering a latin-1 character never makes
+ * or unmakes an ASCII one, nor changes the length. A needle that is empty or has a non-ASCII
+ * byte counts as found (the reference decides). `mode` is needle_mode(needles). */
+static int
+any_needle(PyObject *needles, int mode, const unsigned char *text, Py_ssize_t n)
+{
+    if (mode == NEEDLES_ALWAYS) {
+        return 1;
+    }
+    if (n > MAX_VALUE) {
+        n = MAX_VALUE;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(needles);
+    if (mode == NEEDLES_EQUALS) {
         /* Every needle is "name=": look only where an '=' is (a few per cookie or query). */
         const unsigned char *at = text, *end = text + n;
         while (at < end && (at = memchr(at, '=', (size_t)(end - at))) != NULL) {
@@ -676,6 +702,15 @@ enqueue_generic(Recorder *self, PyObject *classify, PyObject *request, PyObject 
     return result;
 }
 
+/* Whether an Authorization value of n bytes has the shape the fast path decides: a Bearer token
+ * with no blank at either end, within MAX_VALUE (the token starts at a + 7). */
+static int
+plain_bearer(Recorder *self, const unsigned char *a, Py_ssize_t n)
+{
+    return n >= 8 && n <= MAX_VALUE && memcmp(a, "Bearer ", 7) == 0 && !self->blank[a[7]] &&
+           !self->blank[a[n - 1]];
+}
+
 /* record_scope(scope, template, path, status): an ASGI request. */
 static PyObject *
 Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
@@ -744,8 +779,7 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
     if (authorization != NULL && PyBytes_GET_SIZE(authorization) > 0) {
         const unsigned char *a = (const unsigned char *)PyBytes_AS_STRING(authorization);
         Py_ssize_t n = PyBytes_GET_SIZE(authorization);
-        if (n >= 8 && n <= MAX_VALUE && memcmp(a, "Bearer ", 7) == 0 && !self->blank[a[7]] &&
-            !self->blank[a[n - 1]] && is_ascii(a + 7, n - 7)) {
+        if (plain_bearer(self, a, n) && is_ascii(a + 7, n - 7)) {
             return enqueue_ascii(self, template, path, method, str_bearer, status,
                                  (const char *)a + 7, n - 7);
         }
@@ -770,16 +804,14 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         goto reference;
     }
     else if (PyBytes_GET_SIZE(query) > 0) {
-        Py_ssize_t n = PyBytes_GET_SIZE(query);
-        if (any_needle(self->query_needles, (const unsigned char *)PyBytes_AS_STRING(query),
-                       n > MAX_VALUE ? MAX_VALUE : n)) {
+        if (any_needle(self->query_needles, self->query_mode,
+                       (const unsigned char *)PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query))) {
             goto reference;
         }
     }
     if (cookie != NULL && PyBytes_GET_SIZE(cookie) > 0) {
-        Py_ssize_t n = PyBytes_GET_SIZE(cookie);
-        if (any_needle(self->cookie_needles, (const unsigned char *)PyBytes_AS_STRING(cookie),
-                       n > MAX_VALUE ? MAX_VALUE : n)) {
+        if (any_needle(self->cookie_needles, self->cookie_mode,
+                       (const unsigned char *)PyBytes_AS_STRING(cookie), PyBytes_GET_SIZE(cookie))) {
             goto reference;
         }
     }
@@ -834,8 +866,7 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
             goto reference;
         }
         if (n > 0) {
-            if (n >= 8 && n <= MAX_VALUE && memcmp(a, "Bearer ", 7) == 0 &&
-                !self->blank[a[7]] && !self->blank[a[n - 1]]) {
+            if (plain_bearer(self, a, n)) {
                 return enqueue_ascii(self, template, path, method, str_bearer, status,
                                      (const char *)a + 7, n - 7);
             }
@@ -873,7 +904,7 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (a == NULL) {
             goto reference;
         }
-        if (any_needle(self->query_needles, a, n > MAX_VALUE ? MAX_VALUE : n)) {
+        if (any_needle(self->query_needles, self->query_mode, a, n)) {
             goto reference;
         }
     }
@@ -886,7 +917,7 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (a == NULL) {
             goto reference;
         }
-        if (any_needle(self->cookie_needles, a, n > MAX_VALUE ? MAX_VALUE : n)) {
+        if (any_needle(self->cookie_needles, self->cookie_mode, a, n)) {
             goto reference;
         }
     }
@@ -1004,23 +1035,15 @@ starlette_template(Recorder *self, PyObject *scope, PyObject *entry_root_path,
     return 1;
 }
 
-/* finish_scope(scope, status, entry_root_path, unmatched): the end of an ASGI request on the
- * fast path, as ASGIMiddleware.finish does it: the route template (memwatch's own key, else
- * Starlette's matched route), "__unmatched__" for a 404 without one in a framework, else the
- * raw path; then record_scope. True when recorded; False when the request needs the Python
- * path (nothing is recorded then). */
+/* The end of an ASGI request on the fast path (StatusSend.finish), as ASGIMiddleware.finish
+ * does it: the route template (memwatch's own key, else Starlette's matched route),
+ * "__unmatched__" for a 404 without one when a framework routes (`unmatched`), else the raw
+ * path; then record_scope. True when recorded; False when the request needs the Python path
+ * (nothing is recorded then); NULL on error. */
 static PyObject *
-Recorder_finish_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+Recorder_finish_scope(Recorder *self, PyObject *scope, PyObject *status,
+                      PyObject *entry_root_path, int unmatched)
 {
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "finish_scope() takes 4 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *scope = args[0], *status = args[1], *entry_root_path = args[2];
-    int unmatched = PyObject_IsTrue(args[3]);
-    if (unmatched < 0) {
-        return NULL;
-    }
     if (!PyDict_CheckExact(scope)) {
         Py_RETURN_FALSE;
     }
@@ -1094,9 +1117,6 @@ Recorder_finish_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef Recorder_methods[] = {
     {"take", (PyCFunction)Recorder_take, METH_NOARGS,
      "take() -> (counts, noted, dropped): the tally since the last take (tally mode)."},
-    {"finish_scope", (PyCFunction)(void (*)(void))Recorder_finish_scope, METH_FASTCALL,
-     "finish_scope(scope, status, entry_root_path, unmatched) -> bool: the fast path's end of "
-     "an ASGI request (False: the Python path must record it)."},
     {"record_scope", (PyCFunction)(void (*)(void))Recorder_record_scope, METH_FASTCALL,
      "record_scope(scope, template, path, status): queue an ASGI request's record."},
     {"record_environ", (PyCFunction)(void (*)(void))Recorder_record_environ, METH_FASTCALL,
@@ -2063,9 +2083,8 @@ StatusSend_finish(StatusSend *self, PyObject *Py_UNUSED(ignored))
     }
     if (recorder != NULL && Py_TYPE(recorder) == &RecorderType) {
         /* The compiled recorder: the route template and the record, here. */
-        PyObject *args[4] = {scope, status, self->root_path,
-                             owner->unmatched ? Py_True : Py_False};
-        result = Recorder_finish_scope((Recorder *)recorder, args, 4);
+        result = Recorder_finish_scope((Recorder *)recorder, scope, status, self->root_path,
+                                       owner->unmatched);
     }
     if (result == Py_False || (result == NULL && !PyErr_Occurred())) {
         /* A measured request, another recorder, or a case the compiled one hands back:
