@@ -2138,6 +2138,576 @@ static PyTypeObject StatusSendType = {
     .tp_getset = StatusSend_getset,
 };
 
+/* --- ASGIMiddleware.__call__, stepped in C ---------------------------------------------------
+ *
+ * AsyncCall is the class attribute ASGIMiddleware.__call__ when this module is built: a method
+ * descriptor that carries the Python coroutine function it stands for (its __code__, __name__,
+ * __defaults__, ..., copied in Python, so that inspect and asyncio see a coroutine function, as
+ * servers check) and calls it for anything but the common case. The common case, a middleware
+ * whose instance holds a compiled ASGIFast under `_fast`, gets an ASGICall: an awaitable that
+ * does what the Python coroutine does, without its frame:
+ *
+ *     sender = fast.enter(scope, send)                   # at the first step, as the coroutine
+ *     if sender is None: await self._call_python(scope, receive, send); return
+ *     try: await self.app(scope, receive, sender)
+ *     except Exception: sender.failed(); raise
+ *     finally: sender.finish()
+ *
+ * ASGICall follows the coroutine protocol (am_send, send, throw, close, a finaliser that closes
+ * a started call and warns about one never awaited) and returns None, as the coroutine does.
+ */
+
+static PyObject *key_fast, *key_throw;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *func;  /* the Python coroutine function: the reference and the fallback */
+    PyObject *dict;  /* __code__, __name__, __wrapped__, ...: set in Python */
+    vectorcallfunc vectorcall;
+} AsyncCall;
+
+enum { CALL_CREATED, CALL_STARTED, CALL_FINISHED };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *middleware;
+    PyObject *fast;     /* the middleware's ASGIFast */
+    PyObject *app;
+    PyObject *scope;
+    PyObject *receive;
+    PyObject *send;
+    PyObject *inner;    /* what is awaited (an iterator), once started */
+    PyObject *sender;   /* the StatusSend of the fast path; NULL on the Python path */
+    char state;
+    char running;
+} ASGICall;
+
+static PyTypeObject ASGICallType;
+
+static int
+ASGICall_traverse(ASGICall *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->middleware);
+    Py_VISIT(self->fast);
+    Py_VISIT(self->app);
+    Py_VISIT(self->scope);
+    Py_VISIT(self->receive);
+    Py_VISIT(self->send);
+    Py_VISIT(self->inner);
+    Py_VISIT(self->sender);
+    return 0;
+}
+
+/* Drops what only the start needs. */
+static void
+ASGICall_drop_arguments(ASGICall *self)
+{
+    Py_CLEAR(self->middleware);
+    Py_CLEAR(self->fast);
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->receive);
+    Py_CLEAR(self->send);
+}
+
+static int
+ASGICall_clear(ASGICall *self)
+{
+    ASGICall_drop_arguments(self);
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->sender);
+    return 0;
+}
+
+static void
+ASGICall_finalize(ASGICall *self);
+
+static void
+ASGICall_dealloc(ASGICall *self)
+{
+    if (self->state != CALL_FINISHED &&
+        PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected */
+    }
+    PyObject_GC_UnTrack(self);
+    ASGICall_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The request is over (the exception set now, if any, is how it ended): the coroutine's
+ * `except Exception: sender.failed()` and `finally: sender.finish()`. Keeps the exception. */
+static void
+ASGICall_end(ASGICall *self)
+{
+    self->state = CALL_FINISHED;
+    PyObject *sender = self->sender;
+    self->sender = NULL;
+    Py_CLEAR(self->inner);
+    ASGICall_drop_arguments(self);
+    if (sender == NULL) {
+        return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (type != NULL && PyErr_GivenExceptionMatches(type, PyExc_Exception)) {
+        Py_XDECREF(StatusSend_failed((StatusSend *)sender, NULL));
+    }
+    PyObject *done = StatusSend_finish((StatusSend *)sender, NULL);
+    if (done == NULL) {
+        PyErr_Clear(); /* finish() never raises; should it, the app's outcome still wins */
+    }
+    Py_XDECREF(done);
+    Py_DECREF(sender);
+    PyErr_Restore(type, value, traceback);
+}
+
+/* The iterator `await aw` drives, as the interpreter gets it (_PyCoro_GetAwaitableIter). */
+static PyObject *
+awaitable_iter(PyObject *aw)
+{
+    if (PyCoro_CheckExact(aw)) {
+        return Py_NewRef(aw);
+    }
+    PyTypeObject *type = Py_TYPE(aw);
+    unaryfunc getter = type->tp_as_async != NULL ? type->tp_as_async->am_await : NULL;
+    if (getter == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     type->tp_name);
+        return NULL;
+    }
+    PyObject *iter = getter(aw);
+    if (iter == NULL) {
+        return NULL;
+    }
+    if (PyCoro_CheckExact(iter)) {
+        PyErr_SetString(PyExc_TypeError, "__await__() returned a coroutine");
+        Py_DECREF(iter);
+        return NULL;
+    }
+    if (!PyIter_Check(iter)) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                     Py_TYPE(iter)->tp_name);
+        Py_DECREF(iter);
+        return NULL;
+    }
+    return iter;
+}
+
+/* The first step: the request enters; what is awaited is the app's call (fast path) or the
+ * middleware's _call_python (everything else). -1 with an exception: the call is over. */
+static int
+ASGICall_start(ASGICall *self)
+{
+    self->state = CALL_STARTED;
+    PyObject *enter_args[2] = {self->scope, self->send};
+    PyObject *sender = ASGIFast_enter((ASGIFast *)self->fast, enter_args, 2);
+    if (sender == NULL) {
+        return -1; /* enter() counts its own failures: this is not one of them */
+    }
+    PyObject *aw;
+    if (sender == Py_None) {
+        Py_DECREF(sender);
+        PyObject *args[4] = {self->middleware, self->scope, self->receive, self->send};
+        aw = PyObject_VectorcallMethod(key_call_python, args,
+                                       4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    else {
+        self->sender = sender;
+        PyObject *args[3] = {self->scope, self->receive, sender};
+        aw = PyObject_Vectorcall(self->app, args, 3, NULL);
+    }
+    ASGICall_drop_arguments(self);
+    if (aw == NULL) {
+        return -1;
+    }
+    self->inner = awaitable_iter(aw);
+    Py_DECREF(aw);
+    return self->inner == NULL ? -1 : 0;
+}
+
+static int
+ASGICall_check_running(ASGICall *self)
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return -1;
+    }
+    return 0;
+}
+
+static PySendResult
+ASGICall_am_send(ASGICall *self, PyObject *arg, PyObject **result)
+{
+    *result = NULL;
+    if (ASGICall_check_running(self) < 0) {
+        return PYGEN_ERROR;
+    }
+    if (self->state == CALL_FINISHED) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return PYGEN_ERROR;
+    }
+    self->running = 1;
+    if (self->state == CALL_CREATED) {
+        if (arg != Py_None) {
+            self->running = 0;
+            PyErr_SetString(PyExc_TypeError,
+                            "can't send non-None value to a just-started coroutine");
+            return PYGEN_ERROR;
+        }
+        if (ASGICall_start(self) < 0) {
+            ASGICall_end(self);
+            self->running = 0;
+            return PYGEN_ERROR;
+        }
+    }
+    PySendResult status = PyIter_Send(self->inner, arg, result);
+    if (status != PYGEN_NEXT) {
+        if (status == PYGEN_RETURN) {
+            Py_SETREF(*result, Py_NewRef(Py_None)); /* the middleware returns None */
+        }
+        ASGICall_end(self);
+    }
+    self->running = 0;
+    return status;
+}
+
+static PyObject *
+ASGICall_iternext(ASGICall *self)
+{
+    PyObject *result;
+    PySendResult status = ASGICall_am_send(self, Py_None, &result);
+    if (status == PYGEN_NEXT) {
+        return result;
+    }
+    Py_XDECREF(result); /* PYGEN_RETURN: None, the end of iteration */
+    return NULL;
+}
+
+static PyObject *
+ASGICall_send(ASGICall *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult status = ASGICall_am_send(self, value, &result);
+    if (status == PYGEN_RETURN) {
+        Py_DECREF(result);
+        PyErr_SetNone(PyExc_StopIteration);
+        return NULL;
+    }
+    return result;
+}
+
+/* Raises what throw(type[, value[, traceback]]) was given, as a coroutine not running does. */
+static void
+raise_thrown(PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *type = args[0];
+    PyObject *value = nargs > 1 ? args[1] : NULL;
+    PyObject *traceback = nargs > 2 ? args[2] : NULL;
+    if (traceback == Py_None) {
+        traceback = NULL;
+    }
+    if (traceback != NULL && !PyTraceBack_Check(traceback)) {
+        PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback object");
+        return;
+    }
+    if (PyExceptionClass_Check(type)) {
+        PyObject *t = Py_NewRef(type), *v = Py_XNewRef(value), *tb = Py_XNewRef(traceback);
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (tb != NULL && v != NULL) {
+            PyException_SetTraceback(v, tb);
+        }
+        PyErr_Restore(t, v, tb);
+    }
+    else if (PyExceptionInstance_Check(type)) {
+        if (value != NULL && value != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "instance exception may not have a separate value");
+            return;
+        }
+        PyObject *tb = traceback != NULL ? Py_NewRef(traceback) : PyException_GetTraceback(type);
+        if (tb != NULL) {
+            PyException_SetTraceback(type, tb);
+        }
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(type)), Py_NewRef(type), tb);
+    }
+    else {
+        PyErr_Format(PyExc_TypeError,
+                     "exceptions must be classes or instances deriving from BaseException, "
+                     "not %s",
+                     Py_TYPE(type)->tp_name);
+    }
+}
+
+static PyObject *
+ASGICall_throw(ASGICall *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "throw expected 1 to 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (ASGICall_check_running(self) < 0) {
+        return NULL;
+    }
+    if (self->state != CALL_STARTED) {
+        /* Not started (it never will be) or over: raised here, as by a coroutine. */
+        self->state = CALL_FINISHED;
+        ASGICall_drop_arguments(self);
+        raise_thrown(args, nargs);
+        return NULL;
+    }
+    self->running = 1;
+    PyObject *throw;
+    PyObject *result = NULL;
+    int found = lookup_attr(self->inner, key_throw, &throw);
+    if (found > 0) {
+        result = PyObject_Vectorcall(throw, args, (size_t)nargs, NULL);
+        Py_DECREF(throw);
+    }
+    else if (found == 0) {
+        raise_thrown(args, nargs); /* raised at the await, in the middleware */
+    }
+    if (result == NULL) {
+        int returned = PyErr_ExceptionMatches(PyExc_StopIteration);
+        if (returned) {
+            PyErr_Clear();
+        }
+        ASGICall_end(self);
+        if (returned) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+    }
+    self->running = 0;
+    return result;
+}
+
+/* close(): the awaited object closed, then the request ends with GeneratorExit (or with what
+ * closing raised), as gen_close does. */
+static PyObject *
+ASGICall_close(ASGICall *self, PyObject *Py_UNUSED(ignored))
+{
+    if (ASGICall_check_running(self) < 0) {
+        return NULL;
+    }
+    if (self->state != CALL_STARTED) {
+        self->state = CALL_FINISHED;
+        ASGICall_drop_arguments(self);
+        Py_RETURN_NONE;
+    }
+    self->running = 1;
+    PyObject *close;
+    int failed = 0;
+    int found = lookup_attr(self->inner, key_close, &close);
+    if (found < 0) {
+        failed = 1;
+    }
+    else if (found) {
+        PyObject *closed = PyObject_CallNoArgs(close);
+        Py_DECREF(close);
+        failed = closed == NULL;
+        Py_XDECREF(closed);
+    }
+    if (!failed) {
+        PyErr_SetNone(PyExc_GeneratorExit);
+    }
+    ASGICall_end(self);
+    self->running = 0;
+    if (failed) {
+        return NULL;
+    }
+    PyErr_Clear(); /* GeneratorExit: closed */
+    Py_RETURN_NONE;
+}
+
+static void
+ASGICall_finalize(ASGICall *self)
+{
+    if (self->state == CALL_FINISHED) {
+        return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (self->state == CALL_CREATED) {
+        self->state = CALL_FINISHED;
+        if (PyErr_WarnEx(PyExc_RuntimeWarning,
+                         "coroutine 'ASGIMiddleware.__call__' was never awaited", 1) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    else {
+        PyObject *closed = ASGICall_close(self, NULL);
+        if (closed == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(closed);
+    }
+    PyErr_Restore(type, value, traceback);
+}
+
+static PyObject *
+ASGICall_await(ASGICall *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyMethodDef ASGICall_methods[] = {
+    {"send", (PyCFunction)ASGICall_send, METH_O, "send(value): the next step, as a coroutine's."},
+    {"throw", (PyCFunction)(void (*)(void))ASGICall_throw, METH_FASTCALL,
+     "throw(type[, value[, traceback]]): raise at the current await, as a coroutine's."},
+    {"close", (PyCFunction)ASGICall_close, METH_NOARGS, "close(): as a coroutine's."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyAsyncMethods ASGICall_async = {
+    .am_await = (unaryfunc)ASGICall_await,
+    .am_send = (sendfunc)ASGICall_am_send,
+};
+
+static PyTypeObject ASGICallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memwatch._speedups.ASGICall",
+    .tp_doc = "One call of ASGIMiddleware.__call__ on the compiled path: a coroutine-like "
+              "awaitable.",
+    .tp_basicsize = sizeof(ASGICall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)ASGICall_dealloc,
+    .tp_traverse = (traverseproc)ASGICall_traverse,
+    .tp_clear = (inquiry)ASGICall_clear,
+    .tp_finalize = (destructor)ASGICall_finalize,
+    .tp_as_async = &ASGICall_async,
+    .tp_iternext = (iternextfunc)ASGICall_iternext,
+    .tp_methods = ASGICall_methods,
+};
+
+/* A value from the instance's __dict__ (borrowed from `dict`), or NULL without an exception. */
+static PyObject *
+instance_value(PyObject *dict, PyObject *name)
+{
+    PyObject *value = PyDict_GetItemWithError(dict, name);
+    if (value == NULL) {
+        PyErr_Clear();
+    }
+    return value;
+}
+
+static PyObject *
+AsyncCall_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                     PyObject *kwnames)
+{
+    AsyncCall *self = (AsyncCall *)callable;
+    if (PyVectorcall_NARGS(nargsf) == 4 && (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0)) {
+        PyObject *dict = PyObject_GenericGetDict(args[0], NULL);
+        if (dict == NULL) {
+            PyErr_Clear();
+        }
+        else {
+            PyObject *fast = PyDict_CheckExact(dict) ? instance_value(dict, key_fast) : NULL;
+            PyObject *app = fast != NULL ? instance_value(dict, key_app) : NULL;
+            if (fast != NULL && app != NULL && Py_TYPE(fast) == &ASGIFastType) {
+                ASGICall *call = PyObject_GC_New(ASGICall, &ASGICallType);
+                if (call != NULL) {
+                    call->middleware = Py_NewRef(args[0]);
+                    call->fast = Py_NewRef(fast);
+                    call->app = Py_NewRef(app);
+                    call->scope = Py_NewRef(args[1]);
+                    call->receive = Py_NewRef(args[2]);
+                    call->send = Py_NewRef(args[3]);
+                    call->inner = NULL;
+                    call->sender = NULL;
+                    call->state = CALL_CREATED;
+                    call->running = 0;
+                    PyObject_GC_Track(call);
+                    Py_DECREF(dict);
+                    return (PyObject *)call;
+                }
+                PyErr_Clear(); /* the coroutine instead */
+            }
+            Py_DECREF(dict);
+        }
+    }
+    return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
+}
+
+static PyObject *
+AsyncCall_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *func;
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds) != 0) ||
+        !PyArg_UnpackTuple(args, "AsyncCall", 1, 1, &func)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "AsyncCall() takes no keyword arguments");
+        }
+        return NULL;
+    }
+    if (!PyCallable_Check(func)) {
+        PyErr_SetString(PyExc_TypeError, "AsyncCall() needs a coroutine function");
+        return NULL;
+    }
+    AsyncCall *self = (AsyncCall *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->func = Py_NewRef(func);
+    self->dict = NULL;
+    self->vectorcall = AsyncCall_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+AsyncCall_traverse(AsyncCall *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->func);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+AsyncCall_clear(AsyncCall *self)
+{
+    Py_CLEAR(self->func);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+AsyncCall_dealloc(AsyncCall *self)
+{
+    PyObject_GC_UnTrack(self);
+    AsyncCall_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Read on an instance: a bound method (whose __func__ is this descriptor, as for a function). */
+static PyObject *
+AsyncCall_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyGetSetDef AsyncCall_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject AsyncCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "memwatch._speedups.AsyncCall",
+    .tp_doc = "AsyncCall(func): ASGIMiddleware.__call__ stepped in C (func is the reference).",
+    .tp_basicsize = sizeof(AsyncCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = AsyncCall_new,
+    .tp_dealloc = (destructor)AsyncCall_dealloc,
+    .tp_traverse = (traverseproc)AsyncCall_traverse,
+    .tp_clear = (inquiry)AsyncCall_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(AsyncCall, vectorcall),
+    .tp_descr_get = AsyncCall_get,
+    .tp_dictoffset = offsetof(AsyncCall, dict),
+    .tp_getset = AsyncCall_getset,
+};
+
 /* --- Flask: the matched rule, caught where Flask stores it ----------------------------------
  *
  * RuleSlot is the ``url_rule`` attribute of the request class memwatch gives a Flask app (a
@@ -2340,7 +2910,8 @@ PyInit__speedups(void)
         intern(&str_response_start, "http.response.start") < 0 ||
         intern(&str_asgi_entry, "asgi.entry") < 0 || intern(&str_asgi_finish, "asgi.finish") < 0 ||
         intern(&key_url_rule, "url_rule") < 0 || intern(&key_rule, "rule") < 0 ||
-        intern(&key_environ, "environ") < 0) {
+        intern(&key_environ, "environ") < 0 || intern(&key_fast, "_fast") < 0 ||
+        intern(&key_throw, "throw") < 0) {
         return NULL;
     }
     int_zero = PyLong_FromLong(0);
@@ -2351,7 +2922,8 @@ PyInit__speedups(void)
     if (PyType_Ready(&RecorderType) < 0 || PyType_Ready(&WSGIResponseType) < 0 ||
         PyType_Ready(&WSGIBaseType) < 0 || PyType_Ready(&ASGIFastType) < 0 ||
         PyType_Ready(&StatusSendType) < 0 || PyType_Ready(&RuleSlotType) < 0 ||
-        PyType_Ready(&GateType) < 0) {
+        PyType_Ready(&GateType) < 0 || PyType_Ready(&ASGICallType) < 0 ||
+        PyType_Ready(&AsyncCallType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -2364,7 +2936,9 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(module, "ASGIFast", (PyObject *)&ASGIFastType) < 0 ||
         PyModule_AddObjectRef(module, "StatusSend", (PyObject *)&StatusSendType) < 0 ||
         PyModule_AddObjectRef(module, "RuleSlot", (PyObject *)&RuleSlotType) < 0 ||
-        PyModule_AddObjectRef(module, "Gate", (PyObject *)&GateType) < 0) {
+        PyModule_AddObjectRef(module, "Gate", (PyObject *)&GateType) < 0 ||
+        PyModule_AddObjectRef(module, "ASGICall", (PyObject *)&ASGICallType) < 0 ||
+        PyModule_AddObjectRef(module, "AsyncCall", (PyObject *)&AsyncCallType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -14,6 +14,7 @@ are caught and counted.
 
 from __future__ import annotations
 
+import functools
 import typing as t
 
 from memwatch.config import Config
@@ -47,14 +48,28 @@ class _Sender(t.Protocol):
 
 
 _ASGIFast: t.Any
+_AsyncCall: t.Any
 try:
     from memwatch._speedups import ASGIFast as _ASGIFast
+    from memwatch._speedups import AsyncCall as _AsyncCall
 except ImportError:  # not built: every request takes the Python path
     _ASGIFast = None
+    _AsyncCall = None
 
 
 def _python_only(scope: Scope, send: Send) -> _Sender | None:
     return None
+
+
+def _compiled_call(func: t.Any) -> t.Any:
+    """``memwatch._speedups.AsyncCall(func)`` dressed as ``func``: the same name, signature and
+    code object (whose coroutine flag is what ``inspect.iscoroutinefunction`` reads)."""
+    call = _AsyncCall(func)
+    functools.update_wrapper(call, func)
+    call.__code__ = func.__code__
+    call.__defaults__ = func.__defaults__
+    call.__kwdefaults__ = func.__kwdefaults__
+    return call
 
 
 class ASGIMiddleware:
@@ -96,8 +111,10 @@ class ASGIMiddleware:
         self._enabled = self.config.enabled
         self.framework = install_route_hooks(app) if self._enabled else None
         self._enter: Callable[[Scope, Send], _Sender | None] = _python_only
+        # The compiled fast path; __call__ (memwatch._speedups.AsyncCall) reads it from here.
+        self._fast: t.Any = None
         if _ASGIFast is not None:
-            self._enter = _ASGIFast(
+            self._fast = _ASGIFast(
                 monitor=self.monitor,
                 metrics_path=self._metrics_path,
                 report_path=self._report_path,
@@ -105,7 +122,8 @@ class ASGIMiddleware:
                 # A 404 without a template is "__unmatched__" when a framework routes.
                 unmatched=self.framework is not None,
                 fast=self._enabled and self.config.speedups,
-            ).enter
+            )
+            self._enter = self._fast.enter
         if self._enabled:
             self.memwatch.log_startup(app, "ASGI")
 
@@ -123,6 +141,13 @@ class ASGIMiddleware:
             raise
         finally:
             sender.finish()
+
+    if not t.TYPE_CHECKING and _AsyncCall is not None:
+        # The same coroutine, stepped in C: no frame and no coroutine object per request. The
+        # descriptor carries the function's code and names, so inspect and asyncio (and the
+        # servers that ask them) see a coroutine function; it calls the function above for
+        # anything but a middleware with its compiled fast path.
+        __call__ = _compiled_call(__call__)
 
     async def _call_python(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The whole request in Python: lifespan and websocket scopes, memwatch's own paths,

@@ -516,3 +516,233 @@ def test_contract_holds_during_a_diagnosis_window() -> None:
     finally:
         if mw.monitor.diagnosis.window is not None:
             mw.monitor.diagnosis.abandon()
+
+
+# --- the compiled __call__ (memwatch._speedups.AsyncCall) against the Python coroutine ---------
+
+compiled_call = pytest.mark.skipif(
+    not hasattr(ASGIMiddleware.__call__, "__wrapped__"), reason="memwatch._speedups not built"
+)
+
+
+class ReferenceMiddleware(ASGIMiddleware):
+    """The middleware with the Python coroutine the compiled __call__ stands for."""
+
+    __call__ = getattr(ASGIMiddleware.__call__, "__wrapped__", ASGIMiddleware.__call__)
+
+
+def watch_both(app: Any, **options: Any) -> list[ASGIMiddleware]:
+    options.setdefault("log_startup", False)
+    return [
+        kind(app, registry=CollectorRegistry(), **options)
+        for kind in (ASGIMiddleware, ReferenceMiddleware)
+    ]
+
+
+async def _receive_request() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _ignore(message: Any) -> None:
+    return None
+
+
+@compiled_call
+def test_compiled_call_is_a_coroutine_function_to_servers() -> None:
+    import inspect
+
+    from asgiref.compatibility import guarantee_single_callable
+    from uvicorn.config import Config as UvicornConfig
+
+    mw = watch()
+    assert type(ASGIMiddleware.__dict__["__call__"]).__name__ == "AsyncCall"
+    assert inspect.iscoroutinefunction(mw.__call__)
+    assert inspect.iscoroutinefunction(ASGIMiddleware.__call__)
+    assert asyncio.iscoroutinefunction(mw.__call__)
+    assert list(inspect.signature(mw).parameters) == ["scope", "receive", "send"]
+    assert ASGIMiddleware.__call__.__name__ == "__call__"
+    assert ASGIMiddleware.__call__.__qualname__ == "ASGIMiddleware.__call__"
+    assert guarantee_single_callable(mw) is mw  # ASGI 3 to asgiref
+    config = UvicornConfig(app=mw, log_config=None)
+    config.load()
+    assert config.interface == "asgi3"
+    assert isinstance(memwatch.wrap(mw, log_startup=False), ASGIMiddleware)
+    awaitable = mw(make_scope("/a"), _receive_request, _ignore)
+    assert type(awaitable).__name__ == "ASGICall"
+    assert asyncio.iscoroutine(awaitable)  # collections.abc.Coroutine: asyncio.run takes it
+    assert asyncio.run(awaitable) is None
+    assert counts(mw) == {("/a", "GET", "anonymous", "ok"): 1}
+
+
+@compiled_call
+def test_compiled_call_returns_none_whatever_the_app_returns() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> str:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return "ignored"
+
+    for mw in watch_both(app):
+        assert asyncio.run(mw(make_scope("/x"), _receive_request, _ignore)) is None
+        assert counts(mw) == {("/x", "GET", "anonymous", "ok"): 1}
+
+
+@compiled_call
+def test_nothing_happens_before_the_first_step_and_unawaited_calls_warn() -> None:
+    for mw in watch_both(bare_asgi.app):
+        awaitable = mw(make_scope("/never"), _receive_request, _ignore)
+        with pytest.warns(RuntimeWarning, match="was never awaited"):
+            del awaitable
+            gc.collect()
+        assert counts(mw) == {}
+        assert mw.monitor.snapshot().requests == 0
+
+
+@compiled_call
+def test_cancellation_reaches_the_app_and_counts_the_request() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        finally:
+            seen.append("finally")
+
+    async def scenario(mw: ASGIMiddleware) -> None:
+        task = asyncio.ensure_future(mw(make_scope("/wait"), _receive_request, _ignore))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    for mw in watch_both(app):
+        seen.clear()
+        asyncio.run(scenario(mw))
+        assert seen == ["cancelled", "finally"]
+        # Cancelled after a 200 start, without an exception of the app: the status it sent.
+        assert counts(mw) == {("/wait", "GET", "anonymous", "ok"): 1}, type(mw).__name__
+
+
+@compiled_call
+def test_throw_and_close_follow_the_coroutine_protocol() -> None:
+    class Handled(Exception):
+        pass
+
+    gate: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(0)  # a bare yield: the awaitable is stepped by hand below
+        except Handled:
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send({"type": "http.response.body", "body": b"handled"})
+            return
+        finally:
+            gate.append("finally")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    for mw in watch_both(app):
+        name = type(mw).__name__
+        # throw() that the app handles: the call returns (StopIteration), recorded as sent.
+        call = mw(make_scope("/t"), _receive_request, _ignore)
+        assert (type(call).__name__ == "ASGICall") == (type(mw) is ASGIMiddleware)
+        assert call.send(None) is None  # the sleep(0) yield
+        with pytest.raises(StopIteration):
+            call.throw(Handled())
+        assert counts(mw) == {("/t", "GET", "anonymous", "ok"): 1}, name
+        with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+            call.send(None)
+        # throw() that the app does not handle: it propagates, a server error.
+        call = mw(make_scope("/u"), _receive_request, _ignore)
+        call.send(None)
+        with pytest.raises(KeyError, match="nope"):
+            call.throw(KeyError("nope"))
+        assert counts(mw)[("/u", "GET", "anonymous", "server_error")] == 1, name
+        # close() mid-request: the app's finally runs; no response sent, a server error.
+        call = mw(make_scope("/c"), _receive_request, _ignore)
+        call.send(None)
+        before = len(gate)
+        assert call.close() is None
+        assert gate[before:] == ["finally"]
+        assert counts(mw)[("/c", "GET", "anonymous", "server_error")] == 1, name
+        # throw() and close() before the first step: the app never runs, nothing is recorded.
+        call = mw(make_scope("/n"), _receive_request, _ignore)
+        with pytest.raises(ValueError, match="early"):
+            call.throw(ValueError("early"))
+        mw(make_scope("/n"), _receive_request, _ignore).close()
+        assert ("/n", "GET", "anonymous", "server_error") not in counts(mw), name
+        # A started call dropped without close(): closed when collected, as a coroutine is.
+        call = mw(make_scope("/d"), _receive_request, _ignore)
+        call.send(None)
+        before = len(gate)
+        del call
+        gc.collect()
+        assert gate[before:] == ["finally"]
+        assert counts(mw)[("/d", "GET", "anonymous", "server_error")] == 1, name
+
+
+@compiled_call
+def test_app_call_errors_propagate_unchanged() -> None:
+    error = bare_asgi.AppError("raised by the call itself")
+
+    def raising(scope: Any, receive: Any, send: Any) -> Any:
+        raise error
+
+    def not_awaitable(scope: Any, receive: Any, send: Any) -> Any:
+        return 42
+
+    for mw in watch_both(raising):
+        with pytest.raises(bare_asgi.AppError) as excinfo:
+            asyncio.run(mw(make_scope("/r"), _receive_request, _ignore))
+        assert excinfo.value is error
+        assert counts(mw) == {("/r", "GET", "anonymous", "server_error"): 1}
+    for mw in watch_both(not_awaitable):
+        with pytest.raises(TypeError, match="can't be used in 'await' expression"):
+            asyncio.run(mw(make_scope("/n"), _receive_request, _ignore))
+        assert counts(mw) == {("/n", "GET", "anonymous", "server_error"): 1}
+
+
+@compiled_call
+def test_an_awaitable_that_is_not_a_coroutine() -> None:
+    class Response:
+        def __init__(self, send: Any) -> None:
+            self.send = send
+
+        def __await__(self) -> Any:
+            yield from self.send(
+                {"type": "http.response.start", "status": 404, "headers": []}
+            ).__await__()
+            yield from asyncio.sleep(0).__await__()
+            yield from self.send({"type": "http.response.body", "body": b"gone"}).__await__()
+
+    def app(scope: Any, receive: Any, send: Any) -> Response:
+        return Response(send)
+
+    sent: list[dict[str, Any]] = []
+
+    async def record(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    for mw in watch_both(app):
+        sent.clear()
+        asyncio.run(mw(make_scope("/missing"), _receive_request, record))
+        assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+        assert counts(mw) == {("/missing", "GET", "anonymous", "client_error"): 1}
+
+
+@compiled_call
+def test_compiled_call_falls_back_to_the_coroutine() -> None:
+    # speedups off, lifespan, memwatch's own paths: the Python path, through the same call.
+    mw = watch(bare_asgi.app, speedups=False)
+    assert get(mw, "/users/1").status == 200
+    assert counts(mw) == {("/users/{id}", "GET", "anonymous", "ok"): 1}
+    mw = watch()
+    assert get(mw, "/metrics").status == 200
+    assert counts(mw) == {}
+    mw._fast = None  # not the compiled fast path: the coroutine itself
+    assert get(mw, "/users/2").status == 200
+    assert counts(mw) == {("/users/{id}", "GET", "anonymous", "ok"): 1}
