@@ -48,6 +48,7 @@ typedef struct {
     PyObject *classify_environ;/* AuthClassifier.from_environ: the reference for WSGI */
     PyObject *fingerprint;     /* Fingerprinter.fingerprint: the reference fingerprint */
     PyObject *apikey_raw;      /* tuple of bytes: API-key header names, lower case */
+    uint64_t apikey_lengths;   /* bit n set: an API-key header name is n bytes long (63: >= 63) */
     PyObject *apikey_environ;  /* tuple of str: the same as WSGI environ keys */
     PyObject *query_needles;   /* tuple of bytes: "name=" for each query parameter, lower case */
     PyObject *cookie_needles;  /* tuple of bytes: "name=" for each session cookie, lower case */
@@ -156,6 +157,13 @@ check_bytes_tuple(PyObject *tuple, const char *what)
 
 static int needle_mode(PyObject *needles);
 
+/* The bit that stands for a header name's length in Recorder.apikey_lengths. */
+static inline uint64_t
+length_bit(Py_ssize_t n)
+{
+    return ((uint64_t)1) << (n < 63 ? n : 63);
+}
+
 static int
 Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
 {
@@ -237,6 +245,10 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->classify_environ, Py_NewRef(classify_environ));
     Py_XSETREF(self->fingerprint, Py_NewRef(fingerprint));
     Py_XSETREF(self->apikey_raw, Py_NewRef(apikey_raw));
+    self->apikey_lengths = 0;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(apikey_raw); k++) {
+        self->apikey_lengths |= length_bit(PyBytes_GET_SIZE(PyTuple_GET_ITEM(apikey_raw, k)));
+    }
     Py_XSETREF(self->apikey_environ, Py_NewRef(apikey_environ));
     Py_XSETREF(self->query_needles, Py_NewRef(query_needles));
     Py_XSETREF(self->cookie_needles, Py_NewRef(cookie_needles));
@@ -764,7 +776,9 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
             }
             cookie = value;
         }
-        else if (apikey == NULL || PyBytes_GET_SIZE(apikey) == 0) {
+        else if ((self->apikey_lengths & length_bit(n)) &&
+                 (apikey == NULL || PyBytes_GET_SIZE(apikey) == 0)) {
+            /* (most headers have no API-key name's length: no names compared) */
             PyObject *names = self->apikey_raw;
             for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(names); k++) {
                 PyObject *wanted = PyTuple_GET_ITEM(names, k);

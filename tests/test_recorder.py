@@ -311,6 +311,24 @@ def test_property_configured_names_match_the_reference(
     same_environ(environ_of(dict(headers), query), config)
 
 
+@needs_compiled
+@pytest.mark.parametrize("length", [1, 9, 62, 63, 64, 100])
+def test_api_key_names_of_any_length_match_the_reference(length: int) -> None:
+    # The compiled scan compares names only for header lengths some API-key name has (one bit
+    # per length, lengths from 63 up sharing the last bit).
+    name = ("k" * length)[:length]
+    longer = name + "x"
+    config = Config(apikey_headers=(name, "x-" + "y" * 70))
+    for headers, auth in (
+        ([(name, "secret-1")], "apikey"),
+        ([(longer, "secret-2"), ("accept", "a" * length)], "anonymous"),
+        ([("a" * length, "no key"), (name, "secret-3")], "apikey"),
+    ):
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        assert auth in same_scope(scope_of(raw, b""), config)
+        assert auth in same_environ(environ_of(dict(headers), ""), config)
+
+
 # --- the compiled WSGI path -------------------------------------------------------------------
 
 
