@@ -336,6 +336,9 @@ class Result:
     diagnosis_windows: int
     bare_us: list[float]
     wrapped_us: list[float]
+    # Whether memwatch's periodic work ran on its steady-state budget at the end of each round
+    # (the detector has judged a full window and suspects nothing); the early phase before.
+    steady: list[bool]
 
 
 def build_apps(name: str, loop: asyncio.AbstractEventLoop) -> tuple[Driver, Driver, Any]:
@@ -380,6 +383,7 @@ def measure(
     start += requests
     bare_us: list[float] = []
     wrapped_us: list[float] = []
+    steady: list[bool] = []
     excluded = 0
     for batch in range(batches):
         specs = request_specs(requests, start)
@@ -400,6 +404,7 @@ def measure(
         else:
             bare_us.append(times["bare"] / requests * 1e6)
             wrapped_us.append(times["wrapped"] / requests * 1e6)
+            steady.append(bool(getattr(middleware.monitor, "_steady", False)))
         if bare_us and ((batch + 1) % 10 == 0 or batch + 1 == batches):
             progress(
                 f"  {name:9} heap+{extra_objects:>9,}: round {batch + 1:3}/{batches}  "
@@ -433,7 +438,28 @@ def measure(
         diagnosis_windows=int(getattr(snapshot, "diagnosis_windows", 0)),
         bare_us=bare_us,
         wrapped_us=wrapped_us,
+        steady=steady,
     )
+
+
+def by_phase(result: Result) -> list[tuple[str, int, float, float]]:
+    """(phase, rounds, added µs, ratio bare/wrapped) for the early rounds and the steady ones:
+    medians over that phase's rounds, as for the whole run."""
+    rows = []
+    for phase, wanted in (("early", False), ("steady", True)):
+        pairs = [
+            (b, w)
+            for b, w, s in zip(result.bare_us, result.wrapped_us, result.steady, strict=True)
+            if s is wanted
+        ]
+        if pairs:
+            bare = [b for b, _ in pairs]
+            wrapped = [w for _, w in pairs]
+            added = statistics.median(w - b for b, w in pairs)
+            rows.append(
+                (phase, len(pairs), added, statistics.median(bare) / statistics.median(wrapped))
+            )
+    return rows
 
 
 def _is_memwatch(callback: object) -> bool:
@@ -500,6 +526,16 @@ def table(results: Sequence[Result]) -> str:
         notes = [f"{r.rounds} rounds of {r.requests_per_batch} requests"]
         if r.rounds_excluded:
             notes.append(f"{r.rounds_excluded} rounds left out (tracemalloc on: diagnosis window)")
+        phases = by_phase(r)
+        if len(phases) > 1 or (phases and phases[0][0] == "early"):
+            notes.append(
+                "by memwatch's phase (early: the first verdict's samples, denser; steady: "
+                "periodic work on steady_budget_us): "
+                + ", ".join(
+                    f"{phase} {n} rounds, {added:.2f} µs added, ratio {ratio:.3f}"
+                    for phase, n, added, ratio in phases
+                )
+            )
         if r.leak_suspected or r.diagnosis_windows:
             notes.append(
                 f"memwatch's verdict on this process: leak suspected {r.leak_suspected}, "
