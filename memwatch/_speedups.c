@@ -2410,6 +2410,24 @@ ASGICall_send(ASGICall *self, PyObject *value)
     return result;
 }
 
+/* Closes the awaited object (its close(), if it has one): 0, or -1 with its exception. */
+static int
+ASGICall_close_inner(ASGICall *self)
+{
+    PyObject *close;
+    int found = lookup_attr(self->inner, key_close, &close);
+    if (found <= 0) {
+        return found;
+    }
+    PyObject *closed = PyObject_CallNoArgs(close);
+    Py_DECREF(close);
+    if (closed == NULL) {
+        return -1;
+    }
+    Py_DECREF(closed);
+    return 0;
+}
+
 /* Raises what throw(type[, value[, traceback]]) was given, as a coroutine not running does. */
 static void
 raise_thrown(PyObject *const *args, Py_ssize_t nargs)
@@ -2471,13 +2489,22 @@ ASGICall_throw(ASGICall *self, PyObject *const *args, Py_ssize_t nargs)
     self->running = 1;
     PyObject *throw;
     PyObject *result = NULL;
-    int found = lookup_attr(self->inner, key_throw, &throw);
-    if (found > 0) {
-        result = PyObject_Vectorcall(throw, args, (size_t)nargs, NULL);
-        Py_DECREF(throw);
+    if (PyErr_GivenExceptionMatches(args[0], PyExc_GeneratorExit)) {
+        /* As gen_throw does: the awaited object is closed, not thrown into; then GeneratorExit
+         * (or what closing raised) is raised at the await. */
+        if (ASGICall_close_inner(self) == 0) {
+            raise_thrown(args, nargs);
+        }
     }
-    else if (found == 0) {
-        raise_thrown(args, nargs); /* raised at the await, in the middleware */
+    else {
+        int found = lookup_attr(self->inner, key_throw, &throw);
+        if (found > 0) {
+            result = PyObject_Vectorcall(throw, args, (size_t)nargs, NULL);
+            Py_DECREF(throw);
+        }
+        else if (found == 0) {
+            raise_thrown(args, nargs); /* raised at the await, in the middleware */
+        }
     }
     if (result == NULL) {
         int returned = PyErr_ExceptionMatches(PyExc_StopIteration);
@@ -2507,18 +2534,7 @@ ASGICall_close(ASGICall *self, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     }
     self->running = 1;
-    PyObject *close;
-    int failed = 0;
-    int found = lookup_attr(self->inner, key_close, &close);
-    if (found < 0) {
-        failed = 1;
-    }
-    else if (found) {
-        PyObject *closed = PyObject_CallNoArgs(close);
-        Py_DECREF(close);
-        failed = closed == NULL;
-        Py_XDECREF(closed);
-    }
+    int failed = ASGICall_close_inner(self) < 0;
     if (!failed) {
         PyErr_SetNone(PyExc_GeneratorExit);
     }

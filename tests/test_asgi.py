@@ -669,6 +669,14 @@ def test_throw_and_close_follow_the_coroutine_protocol() -> None:
         assert call.close() is None
         assert gate[before:] == ["finally"]
         assert counts(mw)[("/c", "GET", "anonymous", "server_error")] == 1, name
+        # throw(GeneratorExit) mid-request: the app's awaitable is closed, not thrown into.
+        call = mw(make_scope("/g"), _receive_request, _ignore)
+        call.send(None)
+        before = len(gate)
+        with pytest.raises(GeneratorExit):
+            call.throw(GeneratorExit)
+        assert gate[before:] == ["finally"]
+        assert counts(mw)[("/g", "GET", "anonymous", "server_error")] == 1, name
         # throw() and close() before the first step: the app never runs, nothing is recorded.
         call = mw(make_scope("/n"), _receive_request, _ignore)
         with pytest.raises(ValueError, match="early"):
