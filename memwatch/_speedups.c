@@ -592,11 +592,30 @@ Recorder_take(Recorder *self, PyObject *Py_UNUSED(ignored))
     return Py_BuildValue("(NNn)", old_counts, old_noted, dropped);
 }
 
-/* Appends (template, path, method, auth, status, fingerprint); steals fp. */
+/* A measured request's record: handed to Monitor.record_measured with the request's probe,
+ * instead of being queued or tallied. Passed down the recording functions (NULL: an ordinary
+ * request), never kept on the recorder, which other threads share. */
+typedef struct {
+    PyObject *record_measured; /* the monitor's bound record_measured */
+    PyObject *probe;           /* the measured request's probe */
+} Capture;
+
+/* Appends (template, path, method, auth, status, fingerprint), or hands a measured request to
+ * record_measured(template, path, method, auth, status, fingerprint, probe); steals fp. */
 static PyObject *
 enqueue(Recorder *self, PyObject *template, PyObject *path, PyObject *method, PyObject *auth,
-        PyObject *status, PyObject *fp)
+        PyObject *status, PyObject *fp, Capture *cap)
 {
+    if (cap != NULL) {
+        PyObject *args[7] = {template, path, method, auth, status, fp, cap->probe};
+        PyObject *label = PyObject_Vectorcall(cap->record_measured, args, 7, NULL);
+        Py_DECREF(fp);
+        if (label == NULL) {
+            return NULL;
+        }
+        Py_DECREF(label);
+        Py_RETURN_NONE;
+    }
     if (self->counts != NULL) {
         return tally(self, template, path, method, auth, status, fp);
     }
@@ -625,14 +644,14 @@ enqueue(Recorder *self, PyObject *template, PyObject *path, PyObject *method, Py
  * Python int is made for it unless it is noted for the first-seen filter. */
 static PyObject *
 enqueue_ascii(Recorder *self, PyObject *template, PyObject *path, PyObject *method,
-              PyObject *auth, PyObject *status, const char *data, Py_ssize_t n)
+              PyObject *auth, PyObject *status, const char *data, Py_ssize_t n, Capture *cap)
 {
-    if (self->counts == NULL || !self->use_hash) {
+    if (cap != NULL || self->counts == NULL || !self->use_hash) {
         PyObject *fp = fingerprint_ascii(self, data, n);
         if (fp == NULL) {
             return NULL;
         }
-        return enqueue(self, template, path, method, auth, status, fp);
+        return enqueue(self, template, path, method, auth, status, fp, cap);
     }
     if (tally_labels(self, template, path, method, auth, status) < 0 ||
         tally_hash(self, auth, hash_ascii(self, data, n), NULL) < 0) {
@@ -644,7 +663,7 @@ enqueue_ascii(Recorder *self, PyObject *template, PyObject *path, PyObject *meth
 /* The reference path: the Python classifier, then the Python fingerprint. */
 static PyObject *
 enqueue_reference(Recorder *self, PyObject *classify, PyObject *request, PyObject *template,
-                  PyObject *path, PyObject *method, PyObject *status)
+                  PyObject *path, PyObject *method, PyObject *status, Capture *cap)
 {
     PyObject *classified = PyObject_CallOneArg(classify, request);
     if (classified == NULL) {
@@ -673,7 +692,7 @@ enqueue_reference(Recorder *self, PyObject *classify, PyObject *request, PyObjec
     else {
         fp = Py_NewRef(Py_None);
     }
-    PyObject *result = enqueue(self, template, path, method, auth, status, fp);
+    PyObject *result = enqueue(self, template, path, method, auth, status, fp, cap);
     Py_DECREF(classified);
     return result;
 }
@@ -698,7 +717,7 @@ method_of(PyObject *mapping, PyObject *key, int *other)
  * `mapping.get(key) or "GET"` gives it, then the Python classifier. */
 static PyObject *
 enqueue_generic(Recorder *self, PyObject *classify, PyObject *request, PyObject *key,
-                PyObject *template, PyObject *path, PyObject *status)
+                PyObject *template, PyObject *path, PyObject *status, Capture *cap)
 {
     PyObject *value = PyObject_CallMethod(request, "get", "O", key);
     if (value == NULL) {
@@ -708,7 +727,7 @@ enqueue_generic(Recorder *self, PyObject *classify, PyObject *request, PyObject 
     PyObject *result = NULL;
     if (truthy >= 0) {
         result = enqueue_reference(self, classify, request, template, path,
-                                   truthy ? value : str_get, status);
+                                   truthy ? value : str_get, status, cap);
     }
     Py_DECREF(value);
     return result;
@@ -723,18 +742,14 @@ plain_bearer(Recorder *self, const unsigned char *a, Py_ssize_t n)
            !self->blank[a[n - 1]];
 }
 
-/* record_scope(scope, template, path, status): an ASGI request. */
+/* An ASGI request's record (see record_scope); cap: a measured request's (or NULL). */
 static PyObject *
-Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+record_scope(Recorder *self, PyObject *scope, PyObject *template, PyObject *path,
+             PyObject *status, Capture *cap)
 {
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "record_scope() takes 4 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *scope = args[0], *template = args[1], *path = args[2], *status = args[3];
     if (!PyDict_CheckExact(scope)) {
         return enqueue_generic(self, self->classify_scope, scope, key_method, template, path,
-                               status);
+                               status, cap);
     }
     int other = 0;
     PyObject *method = method_of(scope, key_method, &other);
@@ -743,7 +758,7 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (other) { /* not a str: the method as `scope.get("method") or "GET"` gives it */
         return enqueue_generic(self, self->classify_scope, scope, key_method, template, path,
-                               status);
+                               status, cap);
     }
     PyObject *headers = PyDict_GetItemWithError(scope, key_headers);
     if (headers == NULL) {
@@ -795,7 +810,7 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t n = PyBytes_GET_SIZE(authorization);
         if (plain_bearer(self, a, n) && is_ascii(a + 7, n - 7)) {
             return enqueue_ascii(self, template, path, method, str_bearer, status,
-                                 (const char *)a + 7, n - 7);
+                                 (const char *)a + 7, n - 7, cap);
         }
         goto reference;
     }
@@ -806,7 +821,7 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
             goto reference;
         }
         return enqueue_ascii(self, template, path, method, str_apikey, status,
-                             (const char *)a, n);
+                             (const char *)a, n, cap);
     }
     PyObject *query = PyDict_GetItemWithError(scope, key_query_string);
     if (query == NULL) {
@@ -829,10 +844,23 @@ Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
             goto reference;
         }
     }
-    return enqueue(self, template, path, method, str_anonymous, status, Py_NewRef(Py_None));
+    return enqueue(self, template, path, method, str_anonymous, status, Py_NewRef(Py_None),
+                   cap);
 
 reference:
-    return enqueue_reference(self, self->classify_scope, scope, template, path, method, status);
+    return enqueue_reference(self, self->classify_scope, scope, template, path, method, status,
+                             cap);
+}
+
+/* record_scope(scope, template, path, status): an ASGI request. */
+static PyObject *
+Recorder_record_scope(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "record_scope() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    return record_scope(self, args[0], args[1], args[2], args[3], NULL);
 }
 
 /* The ASCII bytes of a str environ value, or NULL when it is not an ASCII str. */
@@ -847,17 +875,14 @@ ascii_str(PyObject *value, Py_ssize_t *n)
 }
 
 /* record_environ(environ, template, path, status): a WSGI request. */
+/* A WSGI request's record (see record_environ); cap: a measured request's (or NULL). */
 static PyObject *
-Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+record_environ(Recorder *self, PyObject *environ, PyObject *template, PyObject *path,
+               PyObject *status, Capture *cap)
 {
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "record_environ() takes 4 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *environ = args[0], *template = args[1], *path = args[2], *status = args[3];
     if (!PyDict_CheckExact(environ)) {
         return enqueue_generic(self, self->classify_environ, environ, key_request_method,
-                               template, path, status);
+                               template, path, status, cap);
     }
     int other = 0;
     PyObject *method = method_of(environ, key_request_method, &other);
@@ -866,7 +891,7 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (other) {
         return enqueue_generic(self, self->classify_environ, environ, key_request_method,
-                               template, path, status);
+                               template, path, status, cap);
     }
     Py_ssize_t n;
     const unsigned char *a;
@@ -882,7 +907,7 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
         if (n > 0) {
             if (plain_bearer(self, a, n)) {
                 return enqueue_ascii(self, template, path, method, str_bearer, status,
-                                     (const char *)a + 7, n - 7);
+                                     (const char *)a + 7, n - 7, cap);
             }
             goto reference;
         }
@@ -907,7 +932,7 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         return enqueue_ascii(self, template, path, method, str_apikey, status,
-                             (const char *)a, n);
+                             (const char *)a, n, cap);
     }
     value = PyDict_GetItemWithError(environ, key_query_env);
     if (value == NULL && PyErr_Occurred()) {
@@ -935,11 +960,22 @@ Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
             goto reference;
         }
     }
-    return enqueue(self, template, path, method, str_anonymous, status, Py_NewRef(Py_None));
+    return enqueue(self, template, path, method, str_anonymous, status, Py_NewRef(Py_None),
+                   cap);
 
 reference:
     return enqueue_reference(self, self->classify_environ, environ, template, path, method,
-                             status);
+                             status, cap);
+}
+
+static PyObject *
+Recorder_record_environ(Recorder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "record_environ() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    return record_environ(self, args[0], args[1], args[2], args[3], NULL);
 }
 
 /* The route template Starlette or FastAPI matched (memwatch.routes.starlette_template), as a new
@@ -1056,7 +1092,7 @@ starlette_template(Recorder *self, PyObject *scope, PyObject *entry_root_path,
  * (nothing is recorded then); NULL on error. */
 static PyObject *
 Recorder_finish_scope(Recorder *self, PyObject *scope, PyObject *status,
-                      PyObject *entry_root_path, int unmatched)
+                      PyObject *entry_root_path, int unmatched, Capture *cap)
 {
     if (!PyDict_CheckExact(scope)) {
         Py_RETURN_FALSE;
@@ -1118,8 +1154,7 @@ Recorder_finish_scope(Recorder *self, PyObject *scope, PyObject *status,
             }
         }
     }
-    PyObject *record_args[4] = {scope, template, path, status};
-    PyObject *result = Recorder_record_scope(self, record_args, 4);
+    PyObject *result = record_scope(self, scope, template, path, status, cap);
     Py_DECREF(template);
     if (result == NULL) {
         return NULL;
@@ -1216,7 +1251,7 @@ static PyTypeObject GateType = {
 static PyObject *key_path_info, *key_file_wrapper, *key_gate, *key_due, *key_event;
 static PyObject *key_diagnosis, *key_window, *key_recorder, *key_record_environ, *key_errors;
 static PyObject *key_record, *key_respond, *str_500, *str_wsgi_entry, *str_wsgi_finish;
-static PyObject *key_close, *key_call_python;
+static PyObject *key_close, *key_call_python, *key_record_measured, *key_finish;
 static PyObject *str_empty, *int_zero;
 
 /* An instance's __dict__, kept between requests (see cached_attr). */
@@ -1245,6 +1280,7 @@ typedef struct {
     PyObject *iterable;
     PyObject *iterator;
     PyObject *status;
+    PyObject *entry;  /* a measured request's probe, else None */
     int closed;
 } WSGIResponse;
 
@@ -1411,7 +1447,28 @@ response_finish(WSGIResponse *self)
         goto failed;
     }
     PyObject *args[4] = {environ, template, path, status};
-    if (Py_TYPE(recorder) == &RecorderType) {
+    PyObject *entry = self->entry != NULL ? self->entry : Py_None;
+    if (entry != Py_None) {
+        /* A measured request: its record goes to Monitor.record_measured with its probe. */
+        Capture capture = {PyObject_GetAttr(owner->monitor, key_record_measured), entry};
+        if (capture.record_measured == NULL) {
+            goto failed;
+        }
+        if (Py_TYPE(recorder) == &RecorderType) {
+            result = record_environ((Recorder *)recorder, environ, template, path, status,
+                                    &capture);
+        }
+        else { /* the Python recorder: the middleware's finish() does it */
+            PyObject *finish = PyObject_GetAttr((PyObject *)owner, key_finish);
+            if (finish != NULL) {
+                PyObject *finish_args[3] = {environ, status, entry};
+                result = PyObject_Vectorcall(finish, finish_args, 3, NULL);
+                Py_DECREF(finish);
+            }
+        }
+        Py_DECREF(capture.record_measured);
+    }
+    else if (Py_TYPE(recorder) == &RecorderType) {
         result = Recorder_record_environ((Recorder *)recorder, args, 4);
     }
     else {
@@ -1436,6 +1493,7 @@ done:
     Py_CLEAR(self->iterable);
     Py_CLEAR(self->iterator);
     Py_CLEAR(self->start_response);
+    Py_CLEAR(self->entry);
 }
 
 static int
@@ -1447,6 +1505,7 @@ WSGIResponse_traverse(WSGIResponse *self, visitproc visit, void *arg)
     Py_VISIT(self->iterable);
     Py_VISIT(self->iterator);
     Py_VISIT(self->status);
+    Py_VISIT(self->entry);
     return 0;
 }
 
@@ -1459,6 +1518,7 @@ WSGIResponse_clear(WSGIResponse *self)
     Py_CLEAR(self->iterable);
     Py_CLEAR(self->iterator);
     Py_CLEAR(self->status);
+    Py_CLEAR(self->entry);
     return 0;
 }
 
@@ -1731,16 +1791,27 @@ WSGIBase_call(WSGIBase *self, PyObject *args, PyObject *kwargs)
     if (entry == NULL) { /* a diagnosis window: the whole request in Python */
         return respond_python(self, environ, start_response, NULL);
     }
-    if (entry != Py_None) { /* a measured request: from its entry on in Python */
-        PyObject *result = respond_python(self, environ, start_response, entry);
-        Py_DECREF(entry);
-        return result;
+    if (entry != Py_None) {
+        /* A measured request: compiled too when the recorder is (its record then goes to
+         * Monitor.record_measured with the probe); else from its entry on in Python. */
+        PyObject *recorder = cached_attr(&self->monitor_dict, self->monitor, key_recorder);
+        int compiled = recorder != NULL && Py_TYPE(recorder) == &RecorderType;
+        if (recorder == NULL) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(recorder);
+        if (!compiled) {
+            PyObject *result = respond_python(self, environ, start_response, entry);
+            Py_DECREF(entry);
+            return result;
+        }
     }
-    Py_DECREF(entry);
     WSGIResponse *response = PyObject_GC_New(WSGIResponse, &WSGIResponseType);
     if (response == NULL) {
+        Py_DECREF(entry);
         return NULL;
     }
+    response->entry = entry; /* the reference is the response's now */
     response->owner = (WSGIBase *)Py_NewRef(self);
     response->environ = Py_NewRef(environ);
     response->start_response = Py_NewRef(start_response);
@@ -2091,14 +2162,19 @@ StatusSend_finish(StatusSend *self, PyObject *Py_UNUSED(ignored))
     }
     Py_INCREF(status);
     PyObject *result = NULL;
-    PyObject *recorder = NULL;
-    if (self->entry == Py_None) {
-        recorder = cached_attr(&owner->monitor_dict, owner->monitor, key_recorder);
-    }
+    PyObject *recorder = cached_attr(&owner->monitor_dict, owner->monitor, key_recorder);
     if (recorder != NULL && Py_TYPE(recorder) == &RecorderType) {
-        /* The compiled recorder: the route template and the record, here. */
-        result = Recorder_finish_scope((Recorder *)recorder, scope, status, self->root_path,
-                                       owner->unmatched);
+        /* The compiled recorder: the route template and the record, here; a measured
+         * request's record goes to Monitor.record_measured with its probe. */
+        Capture capture = {NULL, self->entry};
+        if (self->entry == Py_None ||
+            (capture.record_measured = PyObject_GetAttr(owner->monitor,
+                                                        key_record_measured)) != NULL) {
+            result = Recorder_finish_scope((Recorder *)recorder, scope, status,
+                                           self->root_path, owner->unmatched,
+                                           self->entry == Py_None ? NULL : &capture);
+        }
+        Py_XDECREF(capture.record_measured);
     }
     if (result == Py_False || (result == NULL && !PyErr_Occurred())) {
         /* A measured request, another recorder, or a case the compiled one hands back:
@@ -2941,7 +3017,9 @@ PyInit__speedups(void)
         intern(&str_asgi_entry, "asgi.entry") < 0 || intern(&str_asgi_finish, "asgi.finish") < 0 ||
         intern(&key_url_rule, "url_rule") < 0 || intern(&key_rule, "rule") < 0 ||
         intern(&key_environ, "environ") < 0 || intern(&key_fast, "_fast") < 0 ||
-        intern(&key_throw, "throw") < 0) {
+        intern(&key_throw, "throw") < 0 ||
+        intern(&key_record_measured, "record_measured") < 0 ||
+        intern(&key_finish, "finish") < 0) {
         return NULL;
     }
     int_zero = PyLong_FromLong(0);

@@ -329,6 +329,120 @@ def test_api_key_names_of_any_length_match_the_reference(length: int) -> None:
         assert auth in same_environ(environ_of(dict(headers), ""), config)
 
 
+# --- measured requests ------------------------------------------------------------------------
+
+MEASURED_HEADERS: list[list[tuple[str, str]]] = [
+    [("authorization", "Bearer tok-" + "a" * 30)],
+    [("x-api-key", "key-123")],
+    [("authorization", "Basic YWxpY2U6c2VjcmV0")],
+    [("cookie", "theme=dark; sessionid=s-42")],
+    [("accept", "*/*")],
+    [("authorization", "Bearer  spaced ")],
+    [("authorization", "Bearer caf\xe9")],
+]
+
+
+def _measured_run(protocol: str, speedups: bool) -> tuple[list[tuple[Any, ...]], int, Any]:
+    """Every request measured (request_sample_rate=1): what record_measured received, with
+    each fingerprint checked against the credential the Python classifier finds, and how many
+    requests went through the middleware's Python finish()."""
+    from prometheus_client import CollectorRegistry
+
+    import memwatch
+    from tests.apps.support import call_asgi, make_scope
+
+    options: dict[str, Any] = dict(
+        registry=CollectorRegistry(),
+        log_startup=False,
+        request_sample_rate=1.0,
+        warmup_requests=0,
+        speedups=speedups,
+    )
+    python_finishes = [0]
+
+    if protocol == "asgi":
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        class CountingASGI(memwatch.ASGIMiddleware):
+            def finish(self, *args: Any, **kwargs: Any) -> None:
+                python_finishes[0] += 1
+                super().finish(*args, **kwargs)
+
+        mw: Any = CountingASGI(app, **options)
+    else:
+
+        def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            start_response("201 Created", [])
+            return [b"ok"]
+
+        class CountingWSGI(memwatch.WSGIMiddleware):
+            def finish(self, *args: Any, **kwargs: Any) -> None:
+                python_finishes[0] += 1
+                super().finish(*args, **kwargs)
+
+        mw = CountingWSGI(wsgi_app, **options)
+    monitor = mw.monitor
+    seen: list[tuple[Any, ...]] = []
+    original = monitor.record_measured
+
+    def record_measured(*args: Any) -> Any:
+        template, path, method, auth, status, fingerprint, probe = args
+        seen.append((template, path, method, auth, status, fingerprint, probe is not None))
+        return original(*args)
+
+    monitor.record_measured = record_measured
+    expected_fingerprints = []
+    for i in range(60):
+        headers = MEASURED_HEADERS[i % len(MEASURED_HEADERS)]
+        query = "token=q-1" if i % 11 == 0 else ""
+        if protocol == "asgi":
+            scope = make_scope(
+                f"/items/{i % 3}",
+                headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                query=query.encode(),
+            )
+            _, credential = monitor.auth.from_scope(scope)
+            asyncio_run(call_asgi(mw, scope))
+        else:
+            environ = environ_of(dict(headers), query, PATH_INFO=f"/items/{i % 3}")
+            _, credential = monitor.auth.from_environ(environ)
+            body = mw(environ, lambda status, headers, exc_info=None: None)
+            b"".join(body)
+            body.close()
+        expected_fingerprints.append(monitor.fingerprint(credential) if credential else None)
+    # Fingerprints are keyed per instance: compared as present or not across instances, and
+    # with this instance's own fingerprints of the credentials by the caller.
+    records = [record[:5] + (record[5] is not None, record[6]) for record in seen]
+    return records, python_finishes[0], (monitor, seen, expected_fingerprints)
+
+
+def asyncio_run(coroutine: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coroutine)
+
+
+@needs_compiled
+@pytest.mark.parametrize("protocol", ["asgi", "wsgi"])
+def test_measured_requests_take_the_compiled_path_and_record_as_the_python_one(
+    protocol: str,
+) -> None:
+    fast, fast_finishes, (monitor, seen, expected) = _measured_run(protocol, speedups=True)
+    slow, slow_finishes, _ = _measured_run(protocol, speedups=False)
+    # The same requests measured, with the same labels, through either path.
+    assert len(fast) >= 20
+    assert fast == slow
+    # Measured requests no longer go through the middleware's Python finish() ...
+    assert slow_finishes == 60
+    assert fast_finishes == 0
+    # ... and their fingerprints are the ones the Python classifier's credential gives.
+    fingerprints = {fp for *_, fp, _probe in seen if fp is not None}
+    assert fingerprints and fingerprints <= {fp for fp in expected if fp is not None}
+
+
 # --- the compiled WSGI path -------------------------------------------------------------------
 
 
