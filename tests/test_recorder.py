@@ -415,7 +415,7 @@ def _measured_run(protocol: str, speedups: bool) -> tuple[list[tuple[Any, ...]],
         expected_fingerprints.append(monitor.fingerprint(credential) if credential else None)
     # Fingerprints are keyed per instance: compared as present or not across instances, and
     # with this instance's own fingerprints of the credentials by the caller.
-    records = [record[:5] + (record[5] is not None, record[6]) for record in seen]
+    records = [(*record[:5], record[5] is not None, record[6]) for record in seen]
     return records, python_finishes[0], (monitor, seen, expected_fingerprints)
 
 
@@ -430,7 +430,7 @@ def asyncio_run(coroutine: Any) -> Any:
 def test_measured_requests_take_the_compiled_path_and_record_as_the_python_one(
     protocol: str,
 ) -> None:
-    fast, fast_finishes, (monitor, seen, expected) = _measured_run(protocol, speedups=True)
+    fast, fast_finishes, (_, seen, expected) = _measured_run(protocol, speedups=True)
     slow, slow_finishes, _ = _measured_run(protocol, speedups=False)
     # The same requests measured, with the same labels, through either path.
     assert len(fast) >= 20
