@@ -553,3 +553,67 @@ def test_collect_check_readings_do_not_count_the_detector_s_own_window() -> None
     assert len(seen) >= 2
     # The window holds up to 192 samples; at the readings at most the newest one is alive.
     assert max(seen) <= 2, seen
+
+
+# --- samples taken during a diagnosis window ---------------------------------------------------
+
+
+def _window_with_a_traced_bump(new_credentials_at_bump: int) -> list[Any]:
+    """120 samples, 50 requests apart, of a heap that grows 1.2 blocks per request (a leak that
+    scales with requests), new credentials arriving in small bursts; samples 40-69 were taken
+    while tracemalloc ran and carry a diagnosis window's 15,000 blocks of snapshots, and
+    ``new_credentials_at_bump`` more credentials arrive as the window opens."""
+    from memwatch.signals import Sample
+
+    rng = random.Random(7)
+    samples = []
+    first_seen = 0
+    for i in range(120):
+        requests = 5000 + 50 * i
+        if i % 4 == 0:
+            first_seen += rng.choice([5, 30])
+        if 40 <= i < 44:
+            first_seen += new_credentials_at_bump // 4
+        heap = 130_000 + int(1.2 * (requests - 5000)) + rng.randint(0, 40)
+        traced = None
+        if 40 <= i < 70:
+            heap += 15_000
+            traced = 1_000_000
+        samples.append(
+            Sample(
+                time=float(i),
+                wall=0.0,
+                requests=requests,
+                rss_bytes=None,
+                heap_blocks=heap,
+                gc_pending=0,
+                gc_collections=(0,),
+                traced_bytes=traced,
+                first_seen=first_seen,
+            )
+        )
+    return samples
+
+
+@pytest.mark.parametrize("arriving", [0, 200, 400])
+def test_scales_with_leaves_out_the_samples_of_a_diagnosis_window(arriving: int) -> None:
+    from memwatch.attribution import scales_with
+    from memwatch.monitor import untraced_samples
+
+    samples = _window_with_a_traced_bump(arriving)
+    kept = untraced_samples(samples, 6)
+    # THEN the traced samples are left out, and the growth scales with requests, as it does
+    assert len(kept) == 90 and all(s.traced_bytes is None for s in kept)
+    assert scales_with(kept, [s.heap_blocks * 64.0 for s in kept], 3) == "requests"
+    if arriving:
+        # (with them, the bump and the credentials that came with it mislead the regression)
+        everything = [s.heap_blocks * 64.0 for s in samples]
+        assert scales_with(samples, everything, 3) == "distinct_credentials"
+
+
+def test_samples_are_all_kept_when_tracing_never_stops() -> None:
+    from memwatch.monitor import untraced_samples
+
+    samples = [s for s in _window_with_a_traced_bump(0) if s.traced_bytes is not None]
+    assert untraced_samples(samples, 6) == samples
+    assert untraced_samples(samples[:5], 6) == samples[:5]
