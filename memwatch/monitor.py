@@ -46,18 +46,6 @@ from memwatch.sketch import Fingerprinter, FirstSeenFilter, HyperLogLog
 
 LeakCallback = Callable[["Monitor", Verdict], object]
 
-
-def untraced_samples(samples: list[Sample], fewest: int) -> list[Sample]:
-    """The samples taken while tracemalloc was off, or all of them when fewer than ``fewest``
-    are (a process that traces all the time).
-
-    A diagnosis window's snapshots hold tens of thousands of heap blocks until it ends: the
-    samples taken meanwhile are a bump in the heap, and the drop after it reads, in a
-    regression over the window, as growth that no request brought.
-    """
-    untraced = [s for s in samples if s.traced_bytes is None]
-    return untraced if len(untraced) >= fewest else samples
-
 # One credential in FIRST_SEEN_SAMPLING goes through the first-seen filter (chosen by its keyed
 # hash, so a credential is always in or always out): a quarter of the cost, the same shape.
 FIRST_SEEN_SAMPLING = 4
@@ -766,7 +754,6 @@ class Monitor:
             start = max(cfg.warmup_requests, self.detector.floor_requests)
             window = [s for s in history if s.requests >= start]
             window = window[-cfg.window_samples :]
-            window = untraced_samples(window, 2 * cfg.envelope_width)
             _xs, _ts, values = signal_series(window, verdict.signal, cfg.heap_block_bytes)
             if len(values) == len(window):
                 # Too few samples since the last window gives None: the last answer holds.
