@@ -41,6 +41,9 @@ lookup_attr(PyObject *obj, PyObject *name, PyObject **result)
 }
 #define MIX_MULTIPLIER 0x9E3779B97F4A7C15ULL
 
+#define ROUTE_MEMO 8
+#define FAST_SCHEMES 2 /* bearer, apikey: see fast_scheme() */
+
 typedef struct {
     PyObject_HEAD
     PyObject *append;          /* the queue's append: called with the record */
@@ -66,16 +69,20 @@ typedef struct {
     uint64_t last_noted;
     int has_noted;
     Py_ssize_t dropped;        /* requests not counted: the tally was full (never drained) */
+    /* The sketches of the schemes the fast path decides itself (bearer, apikey), resolved
+     * from `sketches` once when the recorder is made, not looked up at every request. */
+    struct {
+        PyObject *registers;   /* the HyperLogLog's bytearray, or NULL: no sketch */
+        int shift;
+    } fast_sketch[FAST_SCHEMES];
     /* What the last few Starlette route objects said (see starlette_template): a route's
      * `routes` and `path` attributes are read once, not at every request. */
     struct {
         PyObject *route;       /* held: at most ROUTE_MEMO routes are kept alive by this */
         PyObject *path;        /* its `path` when a str, else NULL */
         int mount;             /* it has `routes`: a Mount or Host, no endpoint matched */
-    } route_memo[8];
+    } route_memo[ROUTE_MEMO];
 } Recorder;
-
-#define ROUTE_MEMO 8
 
 #define TALLY_MAX_KEYS 65536
 #define TALLY_MAX_NOTED 65536
@@ -106,6 +113,9 @@ Recorder_traverse(Recorder *self, visitproc visit, void *arg)
         Py_VISIT(self->route_memo[i].route);
         Py_VISIT(self->route_memo[i].path);
     }
+    for (int i = 0; i < FAST_SCHEMES; i++) {
+        Py_VISIT(self->fast_sketch[i].registers);
+    }
     return 0;
 }
 
@@ -127,6 +137,9 @@ Recorder_clear(Recorder *self)
     for (int i = 0; i < ROUTE_MEMO; i++) {
         Py_CLEAR(self->route_memo[i].route);
         Py_CLEAR(self->route_memo[i].path);
+    }
+    for (int i = 0; i < FAST_SCHEMES; i++) {
+        Py_CLEAR(self->fast_sketch[i].registers);
     }
     return 0;
 }
@@ -261,8 +274,23 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
     self->run_count = 0;
     self->has_noted = 0;
     self->dropped = 0;
+    for (int i = 0; i < FAST_SCHEMES; i++) {
+        Py_CLEAR(self->fast_sketch[i].registers);
+        self->fast_sketch[i].shift = 0;
+    }
     if (sketches != Py_None) {
         self->sketches = Py_NewRef(sketches);
+        PyObject *schemes[FAST_SCHEMES] = {str_bearer, str_apikey};
+        for (int i = 0; i < FAST_SCHEMES; i++) {
+            PyObject *sketch = PyDict_GetItemWithError(sketches, schemes[i]);
+            if (sketch == NULL && PyErr_Occurred()) {
+                return -1;
+            }
+            if (sketch != NULL) { /* checked above: (bytearray, shift) */
+                self->fast_sketch[i].registers = Py_NewRef(PyTuple_GET_ITEM(sketch, 0));
+                self->fast_sketch[i].shift = (int)PyLong_AsLong(PyTuple_GET_ITEM(sketch, 1));
+            }
+        }
         self->counts = PyDict_New();
         self->noted = PyList_New(0);
         if (self->counts == NULL || self->noted == NULL) {
@@ -484,13 +512,24 @@ done:
 static int
 tally_hash(Recorder *self, PyObject *auth, uint64_t h, PyObject *fp)
 {
-    PyObject *sketch = PyDict_GetItemWithError(self->sketches, auth);
-    if (sketch == NULL && PyErr_Occurred()) {
-        return -1;
+    PyObject *registers = NULL;
+    int shift = 0;
+    int fast = auth == str_bearer ? 0 : auth == str_apikey ? 1 : -1;
+    if (fast >= 0) { /* the fast path's schemes: resolved when the recorder was made */
+        registers = self->fast_sketch[fast].registers;
+        shift = self->fast_sketch[fast].shift;
     }
-    if (sketch != NULL) {
-        PyObject *registers = PyTuple_GET_ITEM(sketch, 0);
-        int shift = (int)PyLong_AsLong(PyTuple_GET_ITEM(sketch, 1));
+    else {
+        PyObject *sketch = PyDict_GetItemWithError(self->sketches, auth);
+        if (sketch == NULL && PyErr_Occurred()) {
+            return -1;
+        }
+        if (sketch != NULL) {
+            registers = PyTuple_GET_ITEM(sketch, 0);
+            shift = (int)PyLong_AsLong(PyTuple_GET_ITEM(sketch, 1));
+        }
+    }
+    if (registers != NULL) {
         uint64_t rest = h & ((((uint64_t)1) << shift) - 1);
         int bits = 0;
         while (rest) {

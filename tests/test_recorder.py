@@ -9,6 +9,7 @@ unusual types), and compare the queued records field by field.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 from typing import Any
@@ -350,7 +351,9 @@ MEASURED_HEADERS: list[list[tuple[str, str]]] = [
 ]
 
 
-def _measured_run(protocol: str, speedups: bool) -> tuple[list[tuple[Any, ...]], int, Any]:
+def _measured_run(
+    protocol: str, speedups: bool
+) -> tuple[list[tuple[Any, ...]], int, list[tuple[Any, ...]], list[int | None]]:
     """Every request measured (request_sample_rate=1): what record_measured received, with
     each fingerprint checked against the credential the Python classifier finds, and how many
     requests went through the middleware's Python finish()."""
@@ -413,7 +416,7 @@ def _measured_run(protocol: str, speedups: bool) -> tuple[list[tuple[Any, ...]],
                 query=query.encode(),
             )
             _, credential = monitor.auth.from_scope(scope)
-            asyncio_run(call_asgi(mw, scope))
+            asyncio.run(call_asgi(mw, scope))
         else:
             environ = environ_of(dict(headers), query, PATH_INFO=f"/items/{i % 3}")
             _, credential = monitor.auth.from_environ(environ)
@@ -424,13 +427,7 @@ def _measured_run(protocol: str, speedups: bool) -> tuple[list[tuple[Any, ...]],
     # Fingerprints are keyed per instance: compared as present or not across instances, and
     # with this instance's own fingerprints of the credentials by the caller.
     records = [(*record[:5], record[5] is not None, record[6]) for record in seen]
-    return records, python_finishes[0], (monitor, seen, expected_fingerprints)
-
-
-def asyncio_run(coroutine: Any) -> Any:
-    import asyncio
-
-    return asyncio.run(coroutine)
+    return records, python_finishes[0], seen, expected_fingerprints
 
 
 @needs_compiled
@@ -438,8 +435,8 @@ def asyncio_run(coroutine: Any) -> Any:
 def test_measured_requests_take_the_compiled_path_and_record_as_the_python_one(
     protocol: str,
 ) -> None:
-    fast, fast_finishes, (_, seen, expected) = _measured_run(protocol, speedups=True)
-    slow, slow_finishes, _ = _measured_run(protocol, speedups=False)
+    fast, fast_finishes, seen, expected = _measured_run(protocol, speedups=True)
+    slow, slow_finishes, _, _ = _measured_run(protocol, speedups=False)
     # The same requests measured, with the same labels, through either path.
     assert len(fast) >= 20
     assert fast == slow
