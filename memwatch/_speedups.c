@@ -1245,6 +1245,7 @@ typedef struct {
     PyObject_HEAD
     long long next;        /* the next request's number */
     long long next_event;  /* the first number for which Monitor._event runs */
+    char window_open;      /* a diagnosis window runs: requests take the Python path */
 } Gate;
 
 static PyTypeObject GateType;
@@ -1269,6 +1270,8 @@ static PyMemberDef Gate_members[] = {
     {"next_event", T_LONGLONG, offsetof(Gate, next_event), 0,
      "The first request number for which the monitor's _event runs."},
     {"issued", T_LONGLONG, offsetof(Gate, next), READONLY, "Request numbers taken so far."},
+    {"window_open", T_BOOL, offsetof(Gate, window_open), 0,
+     "A diagnosis window runs (kept by Diagnosis): the compiled paths hand requests over."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1750,21 +1753,29 @@ static PyObject *
 enter_request(PyObject *monitor, DictCache *monitor_dict, DictCache *diagnosis_dict,
               PyObject *where)
 {
-    PyObject *diagnosis = cached_attr(monitor_dict, monitor, key_diagnosis);
-    PyObject *window =
-        diagnosis == NULL ? NULL : cached_attr(diagnosis_dict, diagnosis, key_window);
-    Py_XDECREF(diagnosis);
-    if (window == NULL) {
-        count_error(monitor, where);
-        return NULL;
+    PyObject *gate = cached_attr(monitor_dict, monitor, key_gate);
+    int in_window;
+    if (gate != NULL && Py_TYPE(gate) == &GateType) {
+        in_window = ((Gate *)gate)->window_open; /* kept by Diagnosis: no look-up */
     }
-    int in_window = window != Py_None;
-    Py_DECREF(window);
+    else { /* the Python gate: the diagnosis's window itself */
+        PyObject *diagnosis = cached_attr(monitor_dict, monitor, key_diagnosis);
+        PyObject *window =
+            diagnosis == NULL ? NULL : cached_attr(diagnosis_dict, diagnosis, key_window);
+        Py_XDECREF(diagnosis);
+        if (window == NULL) {
+            Py_XDECREF(gate);
+            count_error(monitor, where);
+            return NULL;
+        }
+        in_window = window != Py_None;
+        Py_DECREF(window);
+    }
     if (in_window) {
+        Py_XDECREF(gate);
         return NULL;
     }
     PyObject *entry = Py_NewRef(Py_None);
-    PyObject *gate = cached_attr(monitor_dict, monitor, key_gate);
     PyObject *ticket = NULL;
     int due = -1;
     if (gate != NULL && Py_TYPE(gate) == &GateType) {

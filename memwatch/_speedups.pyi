@@ -87,6 +87,7 @@ class RuleSlot:
 
 class Gate:
     next_event: int
+    window_open: bool
     @property
     def issued(self) -> int: ...
     def due(self) -> int | None: ...

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     # The holder search (memwatch.holders) is imported by the first window that needs it: a
     # process that never opens a window does not hold its code.
     from memwatch.holders import Census, Holder
+    from memwatch.recorder import Gate
 
 RouteKey = tuple[str, str, str]
 
@@ -641,7 +642,8 @@ class Diagnosis:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.window: Window | None = None
+        self._gate: Gate | None = None
+        self.window = None
         self.last: DiagnosisResult | None = None
         self.windows = 0
         self.on_demand_windows = 0  # windows opened with force=True (on demand)
@@ -650,6 +652,23 @@ class Diagnosis:
         self._lock = threading.RLock()
         self.on_result: Callable[[DiagnosisResult], object] | None = None
         self.on_error: Callable[[BaseException], object] | None = None
+
+    @property
+    def window(self) -> Window | None:
+        """The running window, or None."""
+        return self._window
+
+    @window.setter
+    def window(self, window: Window | None) -> None:
+        self._window = window
+        if self._gate is not None:
+            self._gate.window_open = window is not None
+
+    def attach(self, gate: Gate) -> None:
+        """The monitor's request gate, told whether a window runs (the compiled paths read
+        that instead of this object at every request)."""
+        self._gate = gate
+        gate.window_open = self._window is not None
 
     def can_start(self) -> bool:
         return self.window is None and time.monotonic() >= self._not_before

@@ -287,6 +287,7 @@ class Monitor:
         # besides counting is due (a drain, a sample, a probe, a pair to close).
         self._pending.clear()
         self._gate = make_gate(compiled=self.config.speedups)
+        self.diagnosis.attach(self._gate)
         self.recorder = self._make_recorder()
         self._next_drain = 0
         self._next_probe = self._probe_gap()

@@ -111,6 +111,7 @@ class Gate(t.Protocol):
     comparison per request. The compiled middlewares read the C gate's fields directly."""
 
     next_event: int
+    window_open: bool  # a diagnosis window runs (kept by Diagnosis.attach)
 
     def due(self) -> int | None: ...
 
@@ -118,11 +119,12 @@ class Gate(t.Protocol):
 class PyGate:
     """The reference gate, in Python."""
 
-    __slots__ = ("_numbers", "next_event")
+    __slots__ = ("_numbers", "next_event", "window_open")
 
     def __init__(self) -> None:
         self._numbers = itertools.count()
         self.next_event = 0
+        self.window_open = False
 
     def due(self) -> int | None:
         number = next(self._numbers)

@@ -553,3 +553,25 @@ def test_collect_check_readings_do_not_count_the_detector_s_own_window() -> None
     assert len(seen) >= 2
     # The window holds up to 192 samples; at the readings at most the newest one is alive.
     assert max(seen) <= 2, seen
+
+
+
+@pytest.mark.parametrize("speedups", [True, False])
+def test_the_request_gate_knows_whether_a_diagnosis_window_runs(speedups: bool) -> None:
+    # The compiled paths read the gate's flag instead of the diagnosis at every request.
+    from memwatch.recorder import make_gate
+
+    m = monitor(speedups=speedups)
+    assert m._gate.window_open is False
+    try:
+        assert m.start_diagnosis("test", force=True)
+        assert m.diagnosis.window is not None
+        assert m._gate.window_open is True
+        # A gate attached while a window runs (a new one, as after a fork) is told at once.
+        fresh = make_gate(compiled=speedups)
+        m.diagnosis.attach(fresh)
+        assert fresh.window_open is True
+    finally:
+        m.diagnosis.abandon()
+    assert m.diagnosis.window is None
+    assert fresh.window_open is False
