@@ -15,8 +15,7 @@ class Recorder:
         query_needles: tuple[bytes, ...],
         cookie_needles: tuple[bytes, ...],
         blank: bytes,
-        salt: int | None,
-        mix: bool,
+        hash_key: bytes | None,
         sketches: dict[str, tuple[bytearray, int]] | None = None,
     ) -> None: ...
     def take(self) -> tuple[dict[tuple[Any, ...], int], list[int], int]: ...
@@ -78,6 +77,7 @@ class ASGICall:
     def close(self) -> None: ...
 
 def bloom_add(array: bytearray, mask: int, hashes: int, h: int) -> int: ...
+def keyed_hash(key: bytes, credential: bytes | str | bytearray | memoryview) -> int: ...
 
 class RuleSlot:
     def __init__(self, route_key: str) -> None: ...
@@ -88,6 +88,12 @@ class RuleSlot:
 class Gate:
     next_event: int
     window_open: bool
+    retired: bool
+    recorder: Any
     @property
     def issued(self) -> int: ...
     def due(self) -> int | None: ...
+
+class ASGIBase:
+    app: Any
+    _fast: Any

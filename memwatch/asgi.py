@@ -72,7 +72,20 @@ def _compiled_call(func: t.Any) -> t.Any:
     return call
 
 
-class ASGIMiddleware:
+# The compiled base (memwatch/_speedups.c) keeps `app` and `_fast` in slots, which the
+# compiled __call__ reads at every request; without it, ASGIMiddleware is plain Python.
+if t.TYPE_CHECKING:
+    from memwatch._speedups import ASGIBase as _CompiledBase
+else:
+    try:
+        from memwatch._speedups import ASGIBase as _CompiledBase
+    except ImportError:  # not built: the pure-Python path
+
+        class _CompiledBase:  # an empty base (object itself would break the MRO)
+            pass
+
+
+class ASGIMiddleware(_CompiledBase):
     """Wraps an ASGI 3 application.
 
     :param app: The ASGI application.

@@ -223,7 +223,7 @@ class Monitor:
         self._lock = threading.Lock()
         self._sample_lock = threading.Lock()
         self._drain_lock = threading.Lock()
-        self._fingerprinter = Fingerprinter()
+        self._fingerprinter = Fingerprinter(compiled=self.config.speedups)
         # The fast path's queue: ``enqueue`` (deque.append, atomic under the GIL) is all a
         # request does with the monitor's state; :meth:`drain` folds the queue into the
         # counters in batches, where equal records are counted once by ``Counter`` in C.
@@ -286,6 +286,9 @@ class Monitor:
         # Requests are numbered at entry; one comparison per request decides whether anything
         # besides counting is due (a drain, a sample, a probe, a pair to close).
         self._pending.clear()
+        old = self.__dict__.get("_gate")
+        if old is not None:
+            old.retired = True  # the compiled middlewares keep the gate: they look again
         self._gate = make_gate(compiled=self.config.speedups)
         self.diagnosis.attach(self._gate)
         self.recorder = self._make_recorder()
@@ -299,9 +302,21 @@ class Monitor:
         self._lock = threading.Lock()
         self._sample_lock = threading.Lock()
         self._drain_lock = threading.Lock()
-        self._fingerprinter = Fingerprinter()
+        self._fingerprinter = Fingerprinter(compiled=self.config.speedups)
         self.fingerprint = self._fingerprinter.fingerprint
         self._reset_state()
+
+    @property
+    def recorder(self) -> Recorder:
+        """The fast path's recorder (see :meth:`_make_recorder`). It is kept on the request gate,
+        which the compiled middlewares hold between requests: they reach it without a look-up."""
+        recorder = self._gate.recorder
+        assert recorder is not None
+        return recorder
+
+    @recorder.setter
+    def recorder(self, recorder: Recorder) -> None:
+        self._gate.recorder = recorder
 
     def _make_recorder(self) -> Recorder:
         """The fast path's recorder: classifies, fingerprints and counts (compiled) or queues

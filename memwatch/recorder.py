@@ -112,6 +112,8 @@ class Gate(t.Protocol):
 
     next_event: int
     window_open: bool  # a diagnosis window runs (kept by Diagnosis.attach)
+    retired: bool  # the monitor made a new gate: whoever kept this one looks again
+    recorder: Recorder | None  # the monitor's recorder (Monitor.recorder is kept here)
 
     def due(self) -> int | None: ...
 
@@ -119,12 +121,14 @@ class Gate(t.Protocol):
 class PyGate:
     """The reference gate, in Python."""
 
-    __slots__ = ("_numbers", "next_event", "window_open")
+    __slots__ = ("_numbers", "next_event", "recorder", "retired", "window_open")
 
     def __init__(self) -> None:
         self._numbers = itertools.count()
         self.next_event = 0
         self.window_open = False
+        self.retired = False
+        self.recorder: Recorder | None = None
 
     def due(self) -> int | None:
         number = next(self._numbers)
@@ -172,8 +176,7 @@ def make_recorder(
         query_needles=tables.query_needles,
         cookie_needles=tables.cookie_needles,
         blank=tables.blank,
-        salt=fingerprinter.hash_salt,
-        mix=fingerprinter.hash_mixed,
+        hash_key=fingerprinter.hash_key,
         sketches=None
         if sketches is None
         else {scheme: sketch.register_view() for scheme, sketch in sketches.items()},

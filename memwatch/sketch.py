@@ -6,9 +6,10 @@ sampling window: how many distinct credentials were seen, and how many were seen
 time. Two constraints shape this module:
 
 * **A credential never leaves the request.** Only a keyed 64-bit hash of it is computed (see
-  :class:`Fingerprinter`: Python's SipHash keyed with the interpreter's secret, mixed with a
-  random per-process salt; keyed BLAKE2b when a key is given), folded into the sketches below
-  and dropped. Fingerprints never appear in any output either; only counts do.
+  :class:`Fingerprinter`: the compiled module's hash keyed with 128 random bits of the process,
+  or Python's SipHash mixed with a random salt where that module is not built; keyed BLAKE2b
+  when a key is given), folded into the sketches below and dropped. Fingerprints never appear
+  in any output either; only counts do.
 * **Counting must not be a leak itself.** A set of fingerprints grows by one entry per distinct
   credential, which is exactly the leak memwatch looks for. Both structures here have a fixed
   size chosen at construction:
@@ -44,10 +45,13 @@ from collections.abc import Callable
 __all__ = ["Fingerprinter", "FirstSeenFilter", "HyperLogLog"]
 
 _bloom_add: Callable[[bytearray, int, int, int], int] | None
+_keyed_hash: Callable[[bytes, bytes | str], int] | None
 try:
     from memwatch._speedups import bloom_add as _bloom_add
-except ImportError:  # not built: the Python loop
+    from memwatch._speedups import keyed_hash as _keyed_hash
+except ImportError:  # not built: the Python loop, and hash()
     _bloom_add = None
+    _keyed_hash = None
 
 _MASK64 = (1 << 64) - 1
 # 2**64 divided by the golden ratio, made odd: the multiplier of Fibonacci hashing (Knuth).
@@ -63,9 +67,15 @@ class Fingerprinter:
 
     Fingerprints are computed once per authenticated request, so their cost counts: keyed
     BLAKE2b costs about 1.2 µs for a 150-byte bearer token (more than the whole budget of the
-    per-request path), Python's own ``hash()`` about 0.1 µs. A fingerprint is therefore::
+    per-request path), Python's own ``hash()`` about 0.1 µs (some 700 instructions), the
+    compiled module's keyed hash about 90 instructions. A fingerprint is therefore:
 
-        (hash(credential) ^ salt) mod 2**64, mixed where hash() is not SipHash
+    - where ``memwatch._speedups`` is built (and ``compiled`` is not turned off):
+      ``keyed_hash(key, credential)``, a folded-multiply hash keyed with this instance's 128
+      random bits (see ``_speedups.c``); the compiled recorder computes the same value for the
+      credentials it decides itself, so one credential has one fingerprint on either path;
+    - elsewhere: ``(hash(credential) ^ salt) mod 2**64``, mixed where ``hash()`` is not
+      SipHash, where:
 
     - ``hash()`` of a ``str`` or ``bytes`` is SipHash-1-3 (``sys.hash_info``) keyed with the
       interpreter's 128-bit secret, drawn at start-up from the OS unless ``PYTHONHASHSEED`` fixes
@@ -79,12 +89,13 @@ class Fingerprinter:
       output needs no such help, so the mix runs only on builds where ``hash()`` is something
       else (``--with-hash-algorithm=fnv``); it would cost about 0.15 µs per request.
 
-    What this gives up against a MAC: SipHash-1-3 is a reduced-round PRF and, with
-    ``PYTHONHASHSEED`` fixed, the keyed part is the 64-bit salt alone, XORed in after an unkeyed
-    hash. Neither matters here: fingerprints never leave the process (only counts are
-    exported), and whoever can read the process's memory to see the sketches can read the key
-    as well, BLAKE2b's included. No fingerprint is kept either: the sketches keep a register
-    maximum or a few bits per credential.
+    What this gives up against a MAC: the compiled hash is a fast keyed hash, not a PRF; SipHash-1-3
+    is a reduced-round PRF and, with ``PYTHONHASHSEED`` fixed, the keyed part is the 64-bit salt
+    alone, XORed in after an unkeyed hash. None of it matters here: fingerprints never leave the
+    process (only counts are exported), and whoever can read the process's memory to see the
+    sketches can read the key as well, BLAKE2b's included. Without the key, fingerprints cannot
+    be computed, nor collisions chosen. No fingerprint is kept either: the sketches keep a
+    register maximum or a few bits per credential.
 
     With an explicit ``key`` (tests, or anyone who needs fingerprints that agree between
     processes) the fingerprint is the reference construction instead: keyed BLAKE2b, 8-byte
@@ -102,9 +113,11 @@ class Fingerprinter:
 
     :param key: for tests that need repeatable fingerprints only; 1 to 64 bytes. In production
         leave it unset.
+    :param compiled: use the compiled hash where ``memwatch._speedups`` is built (the monitor
+        passes its ``speedups`` option: off, everything runs in Python).
     """
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, *, compiled: bool = True) -> None:
         self._reference = key is not None
         if key is None:
             key = os.urandom(16)
@@ -112,21 +125,20 @@ class Fingerprinter:
             raise ValueError("key must be 1 to 64 bytes")
         self._key = bytes(key)
         self._salt = int.from_bytes(self._key[:8], "little")
+        self._keyed = _keyed_hash if compiled and not self._reference else None
 
     @property
-    def hash_salt(self) -> int | None:
-        """The salt XORed into ``hash()``, for the compiled recorder (:mod:`memwatch.recorder`);
-        None when fingerprints are the BLAKE2b reference (an explicit ``key``)."""
-        return None if self._reference else self._salt
-
-    @property
-    def hash_mixed(self) -> bool:
-        """Whether ``hash()`` is mixed (this interpreter's hash is not SipHash)."""
-        return _HASH_NEEDS_MIX
+    def hash_key(self) -> bytes | None:
+        """The compiled hash's 16-byte key, for the compiled recorder (:mod:`memwatch.recorder`),
+        which then fingerprints the credentials it decides itself; None when fingerprints are
+        not that hash (the BLAKE2b reference, or ``hash()`` where the module is not built)."""
+        return self._key if self._keyed is not None else None
 
     def fingerprint(self, credential: bytes | str) -> int:
-        """Return the credential's 64-bit fingerprint, an int in ``[0, 2**64)``; about 0.3 µs
+        """Return the credential's 64-bit fingerprint, an int in ``[0, 2**64)``; about 0.2 µs
         for a 150-character bearer token (the reference BLAKE2b about 1.2 µs)."""
+        if self._keyed is not None:
+            return self._keyed(self._key, credential)
         if self._reference:
             return self._blake2b(credential)
         if not (type(credential) is str and credential.isascii() and _ASCII_HASHES_AS_BYTES):

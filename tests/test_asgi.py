@@ -754,3 +754,23 @@ def test_compiled_call_falls_back_to_the_coroutine() -> None:
     mw._fast = None  # not the compiled fast path: the coroutine itself
     assert get(mw, "/users/2").status == 200
     assert counts(mw) == {("/users/{id}", "GET", "anonymous", "ok"): 1}
+
+
+@compiled_call
+def test_the_app_set_later_is_the_one_called() -> None:
+    # `app` lives in a slot of the compiled base: reassigning it (as a wrapper installed after
+    # memwatch would) is seen by the next request on the compiled path.
+    from memwatch._speedups import ASGIBase
+
+    mw = watch()
+    assert isinstance(mw, ASGIBase) and mw.app is bare_asgi.app
+    called: list[str] = []
+
+    async def other(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope["path"])
+        await bare_asgi.app(scope, receive, send)
+
+    mw.app = other
+    assert get(mw, "/users/3").status == 200
+    assert called == ["/users/3"]
+    assert counts(mw) == {("/users/{id}", "GET", "anonymous", "ok"): 1}

@@ -556,24 +556,30 @@ def test_wrapped_apps_keep_their_protocol_signature() -> None:
 # --- tally mode: the compiled recorder counts, the monitor's drain folds it in -------------------
 
 
-def _keyed_monitor(speedups: bool) -> Any:
+def _keyed_monitor(speedups: bool, fingerprinter: Fingerprinter | None = None) -> Any:
     from memwatch.monitor import Monitor
 
     monitor = Monitor(Config(speedups=speedups))
-    # The same fingerprints in both monitors (BLAKE2b with a fixed key): their sketches and
-    # first-seen counts must then agree bit for bit.
-    monitor._fingerprinter = Fingerprinter(b"k" * 16)
+    # The same fingerprints in both monitors (by default BLAKE2b with a fixed key): their
+    # sketches and first-seen counts must then agree bit for bit.
+    monitor._fingerprinter = fingerprinter or Fingerprinter(b"k" * 16)
     monitor.fingerprint = monitor._fingerprinter.fingerprint
     monitor._reset_state()
     return monitor
 
 
 @needs_compiled
-def test_tallied_requests_fold_into_the_same_state_as_queued_ones() -> None:
+@pytest.mark.parametrize("hashing", ["blake2b", "compiled hash"])
+def test_tallied_requests_fold_into_the_same_state_as_queued_ones(hashing: str) -> None:
     import random
 
     rng = random.Random(7)
-    fast, slow = _keyed_monitor(True), _keyed_monitor(False)
+    # "compiled hash": one unkeyed Fingerprinter shared by both monitors; the compiled
+    # recorder hashes the credentials it decides itself (with the Fingerprinter's key), the
+    # Python one calls the Fingerprinter: both must give every credential the same value.
+    shared = Fingerprinter(b"k" * 16) if hashing == "blake2b" else Fingerprinter()
+    assert (shared.hash_key is None) == (hashing == "blake2b")
+    fast, slow = _keyed_monitor(True, shared), _keyed_monitor(False, shared)
     assert not isinstance(fast.recorder, PyRecorder) and isinstance(slow.recorder, PyRecorder)
     routes = ["/a/{id}", "/b", None]
     for i in range(5000):
@@ -660,6 +666,142 @@ def test_asgi_requests_take_the_compiled_send_and_are_recorded_once() -> None:
     # A message sent after the app returned still reaches the server, as it would bare.
     asyncio.run(seen[0]({"type": "http.response.body", "body": b"late"}))
     assert sent[-1]["body"] == b"late"
+
+
+@needs_compiled
+def test_middlewares_follow_the_gate_and_recorder_a_reset_makes() -> None:
+    # The compiled middlewares keep the monitor's gate between requests (and reach the
+    # recorder through it). A reset (as after a fork) retires the gate: the next request must
+    # be numbered by the new gate and counted by the new recorder, on both protocols.
+    import asyncio
+
+    import memwatch
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    async def server_send(message: Any) -> None:
+        pass
+
+    options = {"log_startup": False, "request_sample_rate": 0.0}
+    amw = memwatch.ASGIMiddleware(asgi_app, **options)
+    wmw = memwatch.WSGIMiddleware(wsgi_app, **options)
+
+    def asgi_request() -> None:
+        scope = {"type": "http", "method": "GET", "path": "/a", "headers": [], "query_string": b""}
+        asyncio.run(amw(scope, receive, server_send))
+
+    def wsgi_request() -> None:
+        response = wmw(environ_of({}, PATH_INFO="/w"), lambda status, headers: None)
+        list(response)
+        response.close()
+
+    for request, mw in ((asgi_request, amw), (wsgi_request, wmw)):
+        monitor = mw.monitor
+        for _ in range(3):
+            request()
+        old_gate, old_recorder = monitor._gate, monitor.recorder
+        assert old_gate.issued == 3 and not old_gate.retired
+        old_recorder.take()  # what it counted before the reset
+        monitor._reset_state()
+        assert old_gate.retired and monitor._gate is not old_gate
+        assert monitor.recorder is not old_recorder
+        for _ in range(2):
+            request()
+        monitor.drain()
+        assert old_gate.issued == 3 and monitor._gate.issued == 2
+        assert monitor.requests == 2
+        assert old_recorder.take() == ({}, [], 0)  # nothing reached the old recorder
+
+
+@needs_compiled
+def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
+    import asyncio
+
+    import memwatch
+
+    calls: list[str] = []
+
+    class Spy:
+        def record_scope(self, scope: Any, template: Any, path: Any, status: Any) -> None:
+            calls.append("scope")
+
+        def record_environ(self, environ: Any, template: Any, path: Any, status: Any) -> None:
+            calls.append("environ")
+
+        def take(self) -> tuple[dict[Any, int], list[int], int]:
+            return {}, [], 0
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    async def server_send(message: Any) -> None:
+        pass
+
+    options = {"log_startup": False, "request_sample_rate": 0.0}
+    amw = memwatch.ASGIMiddleware(asgi_app, **options)
+    wmw = memwatch.WSGIMiddleware(wsgi_app, **options)
+    scope = {"type": "http", "method": "GET", "path": "/a", "headers": [], "query_string": b""}
+    asyncio.run(amw(scope, receive, server_send))  # the gate is kept from here on
+    amw.monitor.recorder = Spy()
+    wmw.monitor.recorder = Spy()
+    asyncio.run(amw(scope, receive, server_send))
+    response = wmw(environ_of({}, PATH_INFO="/w"), lambda status, headers: None)
+    list(response)
+    response.close()
+    assert calls == ["scope", "environ"]
+
+
+@needs_compiled
+def test_a_dropped_middleware_and_its_monitor_are_collected() -> None:
+    # The gate holds the recorder, which holds the monitor's queue: a cycle through C objects,
+    # which the garbage collector must see through (Gate takes part in it).
+    import asyncio
+    import gc
+    import weakref
+
+    import memwatch
+    from memwatch._speedups import Gate
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    async def server_send(message: Any) -> None:
+        pass
+
+    def gates() -> int:
+        return sum(type(o) is Gate for o in gc.get_objects())
+
+    gc.collect()
+    before = gates()
+    mw = memwatch.ASGIMiddleware(asgi_app, log_startup=False)
+    scope = {"type": "http", "method": "GET", "path": "/a", "headers": [], "query_string": b""}
+    asyncio.run(mw(scope, receive, server_send))
+    assert gates() == before + 1
+    monitor = weakref.ref(mw.monitor)
+    del mw
+    gc.collect()
+    assert monitor() is None and gates() == before
 
 
 @needs_compiled

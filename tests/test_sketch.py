@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import sys
 
 import pytest
 
@@ -57,6 +58,84 @@ def test_fingerprinter_keeps_neither_credential_nor_shows_key() -> None:
     assert TOKEN.decode() not in repr(state)
     assert repr(fp) == "Fingerprinter(key=<hidden>)"
     assert fp._key.hex() not in repr(fp)
+
+
+def test_fingerprint_is_the_compiled_keyed_hash_where_built_else_hash() -> None:
+    speedups = pytest.importorskip("memwatch._speedups")
+    fp = Fingerprinter()
+    assert fp.hash_key is not None and len(fp.hash_key) == 16
+    assert fp.fingerprint(TOKEN) == speedups.keyed_hash(fp.hash_key, TOKEN)
+    python = Fingerprinter(compiled=False)
+    assert python.hash_key is None
+    if sys.hash_info.algorithm.startswith("siphash"):
+        salt = int.from_bytes(python._key[:8], "little")
+        assert python.fingerprint(TOKEN) == (hash(TOKEN) ^ salt) % 2**64
+    assert Fingerprinter(key=b"k" * 16).hash_key is None  # the BLAKE2b reference
+
+
+def test_keyed_hash_reads_text_and_buffers_as_their_bytes() -> None:
+    speedups = pytest.importorskip("memwatch._speedups")
+    key = bytes(range(16))
+
+    class Sub(bytes):
+        pass
+
+    want = speedups.keyed_hash(key, TOKEN)
+    for same in (TOKEN.decode(), bytearray(TOKEN), memoryview(TOKEN), Sub(TOKEN)):
+        assert speedups.keyed_hash(key, same) == want
+    text = "jeton-é-\udcff"
+    assert speedups.keyed_hash(key, text) == speedups.keyed_hash(
+        key, text.encode("utf-8", "surrogatepass")
+    )
+    with pytest.raises(ValueError):
+        speedups.keyed_hash(b"short", TOKEN)
+    with pytest.raises(TypeError):
+        speedups.keyed_hash(key, 12345)
+
+
+def test_keyed_hash_separates_lengths_keys_and_block_order() -> None:
+    speedups = pytest.importorskip("memwatch._speedups")
+    key, other = bytes(range(16)), bytes(range(1, 17))
+    zeros = {speedups.keyed_hash(key, bytes(n)) for n in range(80)}
+    assert len(zeros) == 80  # zero padding of the tail never makes two lengths collide
+    assert speedups.keyed_hash(key, TOKEN) != speedups.keyed_hash(other, TOKEN)
+    blocks = b"A" * 16 + b"B" * 16
+    assert speedups.keyed_hash(key, blocks) != speedups.keyed_hash(key, blocks[16:] + blocks[:16])
+
+
+def test_keyed_hash_avalanches() -> None:
+    # Every single-bit change of a 150-byte token flips about half of the 64 output bits (32 on
+    # average for an ideal hash; the standard error of the mean over 1,200 flips is 0.12).
+    speedups = pytest.importorskip("memwatch._speedups")
+    key = bytes(range(16))
+    token = bytes(random.Random(3).randrange(33, 127) for _ in range(150))
+    base = speedups.keyed_hash(key, token)
+    flipped = []
+    for i in range(len(token)):
+        for bit in range(8):
+            changed = bytearray(token)
+            changed[i] ^= 1 << bit
+            flipped.append(bin(base ^ speedups.keyed_hash(key, bytes(changed))).count("1"))
+    assert min(flipped) >= 12
+    assert 31.0 <= sum(flipped) / len(flipped) <= 33.0
+
+
+def test_keyed_hash_bits_are_uniform_on_similar_tokens() -> None:
+    # 100,000 JWT-shaped tokens that differ in a few characters: every output bit is set in half
+    # of them (standard error 0.0016; 0.01 is six of it) and the HyperLogLog counts them within
+    # its error (1.6 % at precision 12).
+    speedups = pytest.importorskip("memwatch._speedups")
+    key = bytes(range(16))
+    count = 100_000
+    ones = [0] * 64
+    hll = HyperLogLog(precision=12)
+    for n in range(count):
+        h = speedups.keyed_hash(key, b"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyLT%08d" % n)
+        hll.add(h)
+        for b in range(64):
+            ones[b] += (h >> b) & 1
+    assert all(abs(c / count - 0.5) < 0.01 for c in ones), ones
+    assert hll.estimate() == pytest.approx(count, rel=0.04)
 
 
 # ---------------------------------------------------------------------------------------------
