@@ -2274,8 +2274,8 @@ ASGIFast_enter(ASGIFast *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Clear();
         root_path = str_empty;
     }
-    else {
-        int truthy = PyObject_IsTrue(root_path);
+    else if (!(PyUnicode_CheckExact(root_path) && PyUnicode_GET_LENGTH(root_path) > 0)) {
+        int truthy = PyObject_IsTrue(root_path); /* ("" is the common case: no call) */
         if (truthy <= 0) {
             PyErr_Clear();
             root_path = str_empty;
@@ -2349,6 +2349,24 @@ StatusSend_dealloc(StatusSend *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* message[key] as the app's own subscript gives it (KeyError when missing): a plain dict's
+ * item without the mapping protocol's detour, anything else through it. New reference. */
+static PyObject *
+message_item(PyObject *message, PyObject *key)
+{
+    if (!PyDict_CheckExact(message)) {
+        return PyObject_GetItem(message, key);
+    }
+    PyObject *value = PyDict_GetItemWithError(message, key);
+    if (value == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_KeyError, key);
+        }
+        return NULL;
+    }
+    return Py_NewRef(value);
+}
+
 /* send(message): keeps the status of http.response.start, returns the server's awaitable. */
 static PyObject *
 StatusSend_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
@@ -2365,12 +2383,15 @@ StatusSend_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
         return NULL;
     }
     PyObject *message = args[0];
-    PyObject *type = PyObject_GetItem(message, key_type); /* message["type"], as the app's */
+    PyObject *type = message_item(message, key_type); /* message["type"], as the app's */
     if (type == NULL) {
         return NULL;
     }
     int start = type == str_response_start;
-    if (!start && PyUnicode_Check(type)) {
+    if (!start && PyUnicode_CheckExact(type) && PyUnicode_CHECK_INTERNED(type)) {
+        start = 0; /* interned and not the interned "http.response.start": another string */
+    }
+    else if (!start && PyUnicode_Check(type)) {
         start = PyUnicode_Compare(type, str_response_start) == 0;
     }
     else if (!start) {
@@ -2382,7 +2403,7 @@ StatusSend_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
     }
     Py_DECREF(type);
     if (start) {
-        PyObject *status = PyObject_GetItem(message, key_status);
+        PyObject *status = message_item(message, key_status);
         if (status == NULL) {
             return NULL;
         }

@@ -1030,3 +1030,46 @@ def test_compiled_gate_bounds() -> None:
         gate.issued = 3  # type: ignore[misc]
     gate.due()
     assert gate.issued == 1
+
+
+@needs_compiled
+def test_compiled_send_reads_messages_as_the_app_would() -> None:
+    # A plain dict's items are read directly, any other mapping through its own __getitem__;
+    # a message without "type" raises KeyError to the app, as the server's send would.
+    import asyncio
+    import collections
+
+    import memwatch
+
+    sent: list[Any] = []
+    errors: list[BaseException] = []
+
+    class Message(collections.UserDict[str, Any]):
+        pass
+
+    body = "http.response." + "body"  # not interned: compared by value
+    messages: list[Any] = [
+        Message({"type": "http.response.start", "status": 201, "headers": []}),
+        {"type": body, "body": b"x"},
+    ]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for message in messages:
+            await send(message)
+        try:
+            await send({"status": 200})
+        except KeyError as exc:
+            errors.append(exc)
+
+    async def server_send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    mw = memwatch.ASGIMiddleware(app, log_startup=False, request_sample_rate=0.0)
+    scope = {"type": "http", "method": "GET", "path": "/m", "headers": [], "query_string": b""}
+    asyncio.run(mw(scope, receive, server_send))
+    assert sent == messages
+    assert len(errors) == 1 and errors[0].args == ("type",)
+    assert mw.monitor.snapshot().counts == {("/m", "GET", "anonymous", "ok"): 1}
