@@ -33,6 +33,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from memwatch.detector import MIN_POINTS
 from memwatch.diagnosis import DiagnosisResult
 from memwatch.signals import Sample
 from memwatch.stats import lower_envelope_points, nnls
@@ -259,6 +260,11 @@ def scales_with(samples: Sequence[Sample], values: Sequence[float], width: int) 
     :param samples: the detector's window (for the request and first-seen counts).
     :param values: the verdict signal's readings for the same samples, in bytes.
     :param width: envelope block width (growth is measured between sawtooth low points).
+
+    None (no answer: the caller keeps its last one) until the window holds as many envelope
+    points as the detector needs for a verdict (``MIN_POINTS``). Right after a diagnosis window
+    the window restarts, and a regression on its first four or five intervals could overturn a
+    well-founded answer on noise.
     """
     if len(samples) != len(values) or len(samples) < 2 * width:
         return None
@@ -276,7 +282,7 @@ def scales_with(samples: Sequence[Sample], values: Sequence[float], width: int) 
         d_req.append(float(r1 - r0))
         d_new.append(float(f1 - f0))
         d_val.append(y1 - y0)
-    if len(d_val) < 4:
+    if len(d_val) < MIN_POINTS - 1:
         return None
     total_req, total_new = sum(d_req), sum(d_new)
     if total_new <= 0:
