@@ -286,12 +286,16 @@ class Monitor:
         # Requests are numbered at entry; one comparison per request decides whether anything
         # besides counting is due (a drain, a sample, a probe, a pair to close).
         self._pending.clear()
+        # The new gate is complete (its recorder, its window flag) before it is published, and
+        # the old one is retired after: the compiled middlewares, which keep the gate between
+        # requests, then look again and find the new one ready.
+        gate = make_gate(compiled=self.config.speedups)
+        gate.recorder = self._make_recorder()
+        self.diagnosis.attach(gate)
         old = self.__dict__.get("_gate")
+        self._gate = gate
         if old is not None:
-            old.retired = True  # the compiled middlewares keep the gate: they look again
-        self._gate = make_gate(compiled=self.config.speedups)
-        self.diagnosis.attach(self._gate)
-        self.recorder = self._make_recorder()
+            old.retired = True
         self._next_drain = 0
         self._next_probe = self._probe_gap()
         self._last_drain_ticket = 0
