@@ -456,6 +456,32 @@ def _wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [b"ok"]
 
 
+def _wsgi_get(mw: Any, path: str) -> None:
+    """One GET through a WSGI middleware, body read and closed, as a server does."""
+    response = mw(environ_of({}, PATH_INFO=path), lambda status, headers: None)
+    list(response)
+    response.close()
+
+
+async def _asgi_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _receive_request() -> Any:
+    return {"type": "http.request"}
+
+
+async def _discard(message: Any) -> None:
+    pass
+
+
+def _asgi_get(mw: Any, path: str) -> None:
+    """One GET through an ASGI middleware, the response discarded."""
+    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
+    asyncio.run(mw(scope, _receive_request, _discard))
+
+
 @needs_compiled
 def test_wsgi_middleware_is_served_by_the_compiled_base() -> None:
     import memwatch
@@ -673,41 +699,15 @@ def test_middlewares_follow_the_gate_and_recorder_a_reset_makes() -> None:
     # The compiled middlewares keep the monitor's gate between requests (and reach the
     # recorder through it). A reset (as after a fork) retires the gate: the next request must
     # be numbered by the new gate and counted by the new recorder, on both protocols.
-    import asyncio
-
     import memwatch
 
-    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
-        start_response("200 OK", [])
-        return [b"ok"]
-
-    async def receive() -> Any:
-        return {"type": "http.request"}
-
-    async def server_send(message: Any) -> None:
-        pass
-
     options = {"log_startup": False, "request_sample_rate": 0.0}
-    amw = memwatch.ASGIMiddleware(asgi_app, **options)
-    wmw = memwatch.WSGIMiddleware(wsgi_app, **options)
-
-    def asgi_request() -> None:
-        scope = {"type": "http", "method": "GET", "path": "/a", "headers": [], "query_string": b""}
-        asyncio.run(amw(scope, receive, server_send))
-
-    def wsgi_request() -> None:
-        response = wmw(environ_of({}, PATH_INFO="/w"), lambda status, headers: None)
-        list(response)
-        response.close()
-
-    for request, mw in ((asgi_request, amw), (wsgi_request, wmw)):
+    amw = memwatch.ASGIMiddleware(_asgi_app, **options)
+    wmw = memwatch.WSGIMiddleware(_wsgi_app, **options)
+    for get, mw in ((_asgi_get, amw), (_wsgi_get, wmw)):
         monitor = mw.monitor
         for _ in range(3):
-            request()
+            get(mw, "/a")
         old_gate, old_recorder = monitor._gate, monitor.recorder
         assert old_gate.issued == 3 and not old_gate.retired
         old_recorder.take()  # what it counted before the reset
@@ -715,7 +715,7 @@ def test_middlewares_follow_the_gate_and_recorder_a_reset_makes() -> None:
         assert old_gate.retired and monitor._gate is not old_gate
         assert monitor.recorder is not old_recorder
         for _ in range(2):
-            request()
+            get(mw, "/a")
         monitor.drain()
         assert old_gate.issued == 3 and monitor._gate.issued == 2
         assert monitor.requests == 2
@@ -724,8 +724,6 @@ def test_middlewares_follow_the_gate_and_recorder_a_reset_makes() -> None:
 
 @needs_compiled
 def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
-    import asyncio
-
     import memwatch
 
     calls: list[str] = []
@@ -740,31 +738,15 @@ def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
         def take(self) -> tuple[dict[Any, int], list[int], int]:
             return {}, [], 0
 
-    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
-        start_response("200 OK", [])
-        return [b"ok"]
-
-    async def receive() -> Any:
-        return {"type": "http.request"}
-
-    async def server_send(message: Any) -> None:
-        pass
-
     options = {"log_startup": False, "request_sample_rate": 0.0}
-    amw = memwatch.ASGIMiddleware(asgi_app, **options)
-    wmw = memwatch.WSGIMiddleware(wsgi_app, **options)
-    scope = {"type": "http", "method": "GET", "path": "/a", "headers": [], "query_string": b""}
-    asyncio.run(amw(scope, receive, server_send))  # the gate is kept from here on
+    amw = memwatch.ASGIMiddleware(_asgi_app, **options)
+    wmw = memwatch.WSGIMiddleware(_wsgi_app, **options)
+    _asgi_get(amw, "/a")  # the gate is kept from here on
+    _wsgi_get(wmw, "/w")
     amw.monitor.recorder = Spy()
     wmw.monitor.recorder = Spy()
-    asyncio.run(amw(scope, receive, server_send))
-    response = wmw(environ_of({}, PATH_INFO="/w"), lambda status, headers: None)
-    list(response)
-    response.close()
+    _asgi_get(amw, "/a")
+    _wsgi_get(wmw, "/w")
     assert calls == ["scope", "environ"]
 
 
@@ -772,31 +754,19 @@ def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
 def test_a_dropped_middleware_and_its_monitor_are_collected() -> None:
     # The gate holds the recorder, which holds the monitor's queue: a cycle through C objects,
     # which the garbage collector must see through (Gate takes part in it).
-    import asyncio
     import gc
     import weakref
 
     import memwatch
     from memwatch._speedups import Gate
 
-    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    async def receive() -> Any:
-        return {"type": "http.request"}
-
-    async def server_send(message: Any) -> None:
-        pass
-
     def gates() -> int:
         return sum(type(o) is Gate for o in gc.get_objects())
 
     gc.collect()
     before = gates()
-    mw = memwatch.ASGIMiddleware(asgi_app, log_startup=False)
-    scope = {"type": "http", "method": "GET", "path": "/a", "headers": [], "query_string": b""}
-    asyncio.run(mw(scope, receive, server_send))
+    mw = memwatch.ASGIMiddleware(_asgi_app, log_startup=False)
+    _asgi_get(mw, "/a")
     assert gates() == before + 1
     monitor = weakref.ref(mw.monitor)
     del mw
@@ -1036,9 +1006,6 @@ def test_compiled_gate_bounds() -> None:
 def test_compiled_send_reads_messages_as_the_app_would() -> None:
     # A plain dict's items are read directly, any other mapping through its own __getitem__;
     # a message without "type" raises KeyError to the app, as the server's send would.
-    import asyncio
-    import collections
-
     import memwatch
 
     sent: list[Any] = []
@@ -1064,12 +1031,9 @@ def test_compiled_send_reads_messages_as_the_app_would() -> None:
     async def server_send(message: Any) -> None:
         sent.append(message)
 
-    async def receive() -> Any:
-        return {"type": "http.request"}
-
     mw = memwatch.ASGIMiddleware(app, log_startup=False, request_sample_rate=0.0)
     scope = {"type": "http", "method": "GET", "path": "/m", "headers": [], "query_string": b""}
-    asyncio.run(mw(scope, receive, server_send))
+    asyncio.run(mw(scope, _receive_request, server_send))
     assert sent == messages
     assert len(errors) == 1 and errors[0].args == ("type",)
     assert mw.monitor.snapshot().counts == {("/m", "GET", "anonymous", "ok"): 1}
