@@ -1541,40 +1541,38 @@ cached_attr(DictCache *cache, PyObject *obj, PyObject *name)
     return PyObject_GetAttr(obj, name);
 }
 
-/* The monitor's compiled gate, kept in the cache from one request to the next until the
- * monitor retires it (Monitor._reset_state makes a new one): no look-up per request. NULL
- * (no exception) when the monitor's gate is not the compiled one. Borrowed. */
-static Gate *
-live_gate(DictCache *monitor_dict, PyObject *monitor)
+/* Monitor._gate, new reference (NULL with an exception on failure). A compiled gate is kept
+ * in the cache from one request to the next until the monitor retires it
+ * (Monitor._reset_state makes a new one): no look-up per request. */
+static PyObject *
+monitor_gate(DictCache *monitor_dict, PyObject *monitor)
 {
-    Gate *gate = monitor_dict->gate;
-    if (gate != NULL && !gate->retired) {
-        return gate;
+    Gate *kept = monitor_dict->gate;
+    if (kept != NULL && !kept->retired) {
+        return Py_NewRef(kept);
     }
     Py_CLEAR(monitor_dict->gate);
-    PyObject *found = cached_attr(monitor_dict, monitor, key_gate);
-    if (found == NULL) {
-        PyErr_Clear();
-        return NULL;
+    PyObject *gate = cached_attr(monitor_dict, monitor, key_gate);
+    if (gate != NULL && Py_TYPE(gate) == &GateType) {
+        monitor_dict->gate = (Gate *)Py_NewRef(gate);
     }
-    if (Py_TYPE(found) != &GateType) {
-        Py_DECREF(found);
-        return NULL;
-    }
-    monitor_dict->gate = (Gate *)found;
-    return monitor_dict->gate;
+    return gate;
 }
 
-/* The monitor's recorder: the one its compiled gate holds, else Monitor.recorder. New
- * reference; NULL with an exception on failure. */
+/* Monitor.recorder, kept on its gate (read from the compiled gate directly). New reference;
+ * NULL with an exception on failure. */
 static PyObject *
 monitor_recorder(DictCache *monitor_dict, PyObject *monitor)
 {
-    Gate *gate = live_gate(monitor_dict, monitor);
-    if (gate != NULL && gate->recorder != NULL) {
-        return Py_NewRef(gate->recorder);
+    PyObject *gate = monitor_gate(monitor_dict, monitor);
+    if (gate == NULL) {
+        return NULL;
     }
-    return PyObject_GetAttr(monitor, key_recorder);
+    PyObject *recorder = Py_TYPE(gate) == &GateType && ((Gate *)gate)->recorder != NULL
+                             ? Py_NewRef(((Gate *)gate)->recorder)
+                             : PyObject_GetAttr(monitor, key_recorder);
+    Py_DECREF(gate);
+    return recorder;
 }
 
 static int
@@ -1947,13 +1945,7 @@ static PyObject *
 enter_request(PyObject *monitor, DictCache *monitor_dict, DictCache *diagnosis_dict,
               PyObject *where)
 {
-    PyObject *gate = (PyObject *)live_gate(monitor_dict, monitor);
-    if (gate != NULL) {
-        Py_INCREF(gate);
-    }
-    else {
-        gate = cached_attr(monitor_dict, monitor, key_gate);
-    }
+    PyObject *gate = monitor_gate(monitor_dict, monitor);
     int in_window;
     if (gate != NULL && Py_TYPE(gate) == &GateType) {
         in_window = ((Gate *)gate)->window_open; /* kept by Diagnosis: no look-up */
