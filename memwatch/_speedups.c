@@ -1946,6 +1946,9 @@ enter_request(PyObject *monitor, DictCache *monitor_dict, DictCache *diagnosis_d
               PyObject *where)
 {
     PyObject *gate = monitor_gate(monitor_dict, monitor);
+    if (gate == NULL) {
+        count_error(monitor, where); /* counted (and cleared) before any other look-up */
+    }
     int in_window;
     if (gate != NULL && Py_TYPE(gate) == &GateType) {
         in_window = ((Gate *)gate)->window_open; /* kept by Diagnosis: no look-up */
@@ -1969,7 +1972,7 @@ enter_request(PyObject *monitor, DictCache *monitor_dict, DictCache *diagnosis_d
     }
     PyObject *entry = Py_NewRef(Py_None);
     PyObject *ticket = NULL;
-    int due = -1;
+    int due = gate == NULL ? 0 : -1; /* no gate: counted above, the request not numbered */
     if (gate != NULL && Py_TYPE(gate) == &GateType) {
         Gate *g = (Gate *)gate;
         long long number = g->next++;

@@ -751,6 +751,41 @@ def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
 
 
 @needs_compiled
+def test_a_gate_that_cannot_be_read_is_counted_once_and_the_requests_go_on() -> None:
+    import memwatch
+
+    options = {"log_startup": False, "request_sample_rate": 0.0}
+    amw = memwatch.ASGIMiddleware(_asgi_app, **options)
+    wmw = memwatch.WSGIMiddleware(_wsgi_app, **options)
+    for mw, get in ((amw, _asgi_get), (wmw, _wsgi_get)):
+        get(mw, "/a")  # the compiled gate is kept from here on
+        gate = mw.monitor._gate
+        del mw.monitor.__dict__["_gate"]  # the monitor's gate gone (a broken state) ...
+        gate.retired = True  # ... and the kept one retired: the middlewares look again
+    seen: list[Any] = []
+
+    async def send(message: Any) -> None:
+        seen.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/a", "headers": [], "query_string": b""}
+    for _ in range(3):
+        asyncio.run(amw(scope, _receive_request, send))
+        body = wmw(environ_of({}, PATH_INFO="/w"), lambda status, headers: seen.append(status))
+        assert list(body) == [b"ok"]
+        body.close()
+    one = [
+        {"type": "http.response.start", "status": 200, "headers": []},
+        {"type": "http.response.body", "body": b"ok"},
+        "200 OK",
+    ]
+    assert seen == one * 3
+    # Each request's entry counts the failure once (then nothing runs with it still set), and
+    # its end once more (the recorder is kept on the gate): memwatch's errors, not the app's.
+    assert amw.monitor.errors.by_where == {"asgi.entry": 3, "asgi.finish": 3}
+    assert wmw.monitor.errors.by_where == {"wsgi.entry": 3, "wsgi.finish": 3}
+
+
+@needs_compiled
 def test_a_dropped_middleware_and_its_monitor_are_collected() -> None:
     # The gate holds the recorder, which holds the monitor's queue: a cycle through C objects,
     # which the garbage collector must see through (Gate takes part in it).
