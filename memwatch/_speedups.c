@@ -187,8 +187,9 @@ length_bit(Py_ssize_t n)
  * each word XORed with a key word or with the running state first, the length in the initial
  * state (so that zero padding of the tail is unambiguous), and a multiply-xorshift at the end
  * so that every input bit reaches the top bits (the HyperLogLog register index) and the low
- * bits (the Bloom filter's positions). About 90 instructions for a 150-byte token, against
- * about 700 for hash() of the same bytes (SipHash-1-3) and 20,000 for keyed BLAKE2b.
+ * bits (the Bloom filter's positions). About 200 instructions for a 150-byte token (callgrind,
+ * benchmarks/instructions.py's Bearer tokens), against about 700 for hash() of the same bytes
+ * (SipHash-1-3) and 20,000 for keyed BLAKE2b.
  *
  * It is not a MAC and need not be one: fingerprints never leave the process (only counts are
  * exported), and whoever can read the process's memory to see the sketches can read the key.
@@ -1459,7 +1460,7 @@ static PyObject *key_close, *key_call_python, *key_record_measured, *key_finish;
 static PyObject *str_empty, *int_zero;
 
 /* An instance's __dict__, kept between requests (see cached_attr); for a monitor, also its
- * compiled gate (see live_gate). */
+ * compiled gate (see monitor_gate). */
 typedef struct {
     PyObject *owner;
     PyObject *dict;

@@ -220,10 +220,7 @@ class Monitor:
         self._clock = clock
         self._timer = timer
         self._random = (rng or random.Random()).random
-        self._lock = threading.Lock()
-        self._sample_lock = threading.Lock()
-        self._drain_lock = threading.Lock()
-        self._fingerprinter = Fingerprinter(compiled=self.config.speedups)
+        self._own_process()
         # The fast path's queue: ``enqueue`` (deque.append, atomic under the GIL) is all a
         # request does with the monitor's state; :meth:`drain` folds the queue into the
         # counters in batches, where equal records are counted once by ``Counter`` in C.
@@ -231,7 +228,6 @@ class Monitor:
         # memory.
         self._pending: collections.deque[Record] = collections.deque(maxlen=PENDING_MAX)
         self.enqueue = self._pending.append
-        self.fingerprint = self._fingerprinter.fingerprint
         self._reset_state()
         _MONITORS.add(self)
 
@@ -301,13 +297,18 @@ class Monitor:
         self._last_drain_ticket = 0
         self._last_drain_time = self._clock()
 
-    def _after_fork(self) -> None:
-        # A worker forked from a master that served requests (or held a lock) starts afresh.
+    def _own_process(self) -> None:
+        """What a process must not share with its parent: the locks (a fork copies them as they
+        were, held or not) and the fingerprint key."""
         self._lock = threading.Lock()
         self._sample_lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._fingerprinter = Fingerprinter(compiled=self.config.speedups)
         self.fingerprint = self._fingerprinter.fingerprint
+
+    def _after_fork(self) -> None:
+        # A worker forked from a master that served requests (or held a lock) starts afresh.
+        self._own_process()
         self._reset_state()
 
     @property

@@ -68,7 +68,7 @@ class Fingerprinter:
     Fingerprints are computed once per authenticated request, so their cost counts: keyed
     BLAKE2b costs about 1.2 µs for a 150-byte bearer token (more than the whole budget of the
     per-request path), Python's own ``hash()`` about 0.1 µs (some 700 instructions), the
-    compiled module's keyed hash about 90 instructions. A fingerprint is therefore:
+    compiled module's keyed hash about 200. A fingerprint is therefore:
 
     - where ``memwatch._speedups`` is built (and ``compiled`` is not turned off):
       ``keyed_hash(key, credential)``, a folded-multiply hash keyed with this instance's 128

@@ -482,6 +482,17 @@ def _asgi_get(mw: Any, path: str) -> None:
     asyncio.run(mw(scope, _receive_request, _discard))
 
 
+def _middleware_pair() -> tuple[Any, Any]:
+    """An ASGI and a WSGI middleware around the apps above: no start-up log, no measured
+    requests (so that every request takes the path the test is about)."""
+    import memwatch
+
+    options = {"log_startup": False, "request_sample_rate": 0.0}
+    asgi = memwatch.ASGIMiddleware(_asgi_app, **options)
+    wsgi = memwatch.WSGIMiddleware(_wsgi_app, **options)
+    return asgi, wsgi
+
+
 @needs_compiled
 def test_wsgi_middleware_is_served_by_the_compiled_base() -> None:
     import memwatch
@@ -699,11 +710,7 @@ def test_middlewares_follow_the_gate_and_recorder_a_reset_makes() -> None:
     # The compiled middlewares keep the monitor's gate between requests (and reach the
     # recorder through it). A reset (as after a fork) retires the gate: the next request must
     # be numbered by the new gate and counted by the new recorder, on both protocols.
-    import memwatch
-
-    options = {"log_startup": False, "request_sample_rate": 0.0}
-    amw = memwatch.ASGIMiddleware(_asgi_app, **options)
-    wmw = memwatch.WSGIMiddleware(_wsgi_app, **options)
+    amw, wmw = _middleware_pair()
     for get, mw in ((_asgi_get, amw), (_wsgi_get, wmw)):
         monitor = mw.monitor
         for _ in range(3):
@@ -724,8 +731,6 @@ def test_middlewares_follow_the_gate_and_recorder_a_reset_makes() -> None:
 
 @needs_compiled
 def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
-    import memwatch
-
     calls: list[str] = []
 
     class Spy:
@@ -738,9 +743,7 @@ def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
         def take(self) -> tuple[dict[Any, int], list[int], int]:
             return {}, [], 0
 
-    options = {"log_startup": False, "request_sample_rate": 0.0}
-    amw = memwatch.ASGIMiddleware(_asgi_app, **options)
-    wmw = memwatch.WSGIMiddleware(_wsgi_app, **options)
+    amw, wmw = _middleware_pair()
     _asgi_get(amw, "/a")  # the gate is kept from here on
     _wsgi_get(wmw, "/w")
     amw.monitor.recorder = Spy()
@@ -752,11 +755,7 @@ def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
 
 @needs_compiled
 def test_a_gate_that_cannot_be_read_is_counted_once_and_the_requests_go_on() -> None:
-    import memwatch
-
-    options = {"log_startup": False, "request_sample_rate": 0.0}
-    amw = memwatch.ASGIMiddleware(_asgi_app, **options)
-    wmw = memwatch.WSGIMiddleware(_wsgi_app, **options)
+    amw, wmw = _middleware_pair()
     for mw, get in ((amw, _asgi_get), (wmw, _wsgi_get)):
         get(mw, "/a")  # the compiled gate is kept from here on
         gate = mw.monitor._gate
