@@ -14,7 +14,10 @@ costs is measured with the application's working set around it, not in a tight l
   classification, no fingerprint, no count): the request skeleton and the periodic work remain;
 - ``no-pairs``: ``request_sample_rate=0`` (no measured requests);
 - ``sparse-samples``: ``sample_every_requests=1000`` and no pairs (periodic readings and detector
-  evaluations twenty times rarer than the default).
+  evaluations twenty times rarer than the default);
+- ``unbatched`` (Starlette, compiled module built): memwatch with its recorder's
+  ``batch_limit`` at 0, each request recorded at its end instead of in batches of
+  ``_speedups.BATCH_SIZE``.
 
 The added time of a variant is the median over rounds of (variant - bare); differences between
 variants are what the part costs. Each wrapped variant has its own monitor, but they share one
@@ -22,6 +25,13 @@ process and heap.
 
     .venv/bin/python benchmarks/ablation.py --app starlette --rounds 20
     .venv/bin/python benchmarks/ablation.py --app flask --rounds 20
+    .venv/bin/python benchmarks/ablation.py --variants bare,memwatch,unbatched \
+        --warm-up 40000 --rounds 400 --requests 250 --extra-objects 2000000
+
+``--warm-up`` serves each wrapped variant that many requests first (steady state: the detector
+has judged a full window); ``--extra-objects`` holds that many live objects, as
+``inprocess.py`` does. Besides the medians, the table gives the 10th percentile of each
+variant's rounds: the rounds least disturbed by the rest of a shared machine.
 """
 
 from __future__ import annotations
@@ -113,12 +123,20 @@ class NullRecorder:
     def take(self) -> tuple[dict[Any, int], list[int], int]:
         return {}, [], 0
 
+    def flush(self) -> None:
+        pass
+
 
 def variants(app_name: str) -> dict[str, Any]:
     asgi = app_name == "starlette"
     make = bench.make_starlette_app if asgi else (lambda: bench.make_flask_app().wsgi_app)
     no_record = memwatch.wrap(make())
     no_record.monitor.recorder = NullRecorder()
+    extra: dict[str, Any] = {}
+    unbatched = memwatch.wrap(make())
+    if asgi and hasattr(unbatched.monitor.recorder, "batch_limit"):
+        unbatched.monitor.recorder.batch_limit = 0
+        extra["unbatched"] = unbatched
     return {
         "bare": make(),
         "trivial": (TrivialASGI if asgi else TrivialWSGI)(make()),
@@ -129,6 +147,7 @@ def variants(app_name: str) -> dict[str, Any]:
         "sparse-samples": memwatch.wrap(
             make(), request_sample_rate=0.0, sample_every_requests=1000
         ),
+        **extra,
     }
 
 
@@ -138,10 +157,24 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--variants", default="", help="comma-separated names to run (default: all; bare always)"
+    )
+    parser.add_argument(
+        "--warm-up", type=int, default=0, help="requests each wrapped variant serves first"
+    )
+    parser.add_argument("--extra-objects", type=int, default=0, help="extra live objects held")
     args = parser.parse_args()
     logging.getLogger("memwatch").setLevel(logging.ERROR)
+    held = bench.hold_extra_objects(args.extra_objects) if args.extra_objects else []
     loop = asyncio.new_event_loop()
     apps = variants(args.app)
+    if args.variants:
+        wanted = {"bare", *args.variants.split(",")}
+        unknown = wanted - set(apps)
+        if unknown:
+            parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+        apps = {name: app for name, app in apps.items() if name in wanted}
     drivers: dict[str, Any] = {
         name: bench.ASGIDriver(app, loop) if args.app == "starlette" else bench.WSGIDriver(app)
         for name, app in apps.items()
@@ -149,6 +182,13 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in drivers}
     rng = random.Random(args.seed)
     start = 0
+    for name, driver in drivers.items():
+        if name == "bare" or not args.warm_up:
+            continue
+        print(f"warming up {name}: {args.warm_up:,} requests", file=sys.stderr)
+        for _ in range(0, args.warm_up, 1000):
+            driver.measure(bench.request_specs(1000, start), time.thread_time)
+            start += 1000
     for n in range(args.rounds):
         order = list(drivers)
         rng.shuffle(order)
@@ -157,13 +197,18 @@ def main() -> int:
             start += args.requests
             cpu = drivers[name].measure(specs, time.thread_time)
             times[name].append(cpu / args.requests * 1e6)
-        print(f"round {n + 1}/{args.rounds}", file=sys.stderr)
+        if (n + 1) % 10 == 0 or n + 1 == args.rounds:
+            print(f"round {n + 1}/{args.rounds}", file=sys.stderr)
     bare = times["bare"]
-    print(f"| {args.app} variant | µs per request (median) | added µs (median of rounds) |")
-    print("|---|---:|---:|")
+    print(
+        f"| {args.app} variant (heap + {len(held):,}) | µs per request (median) "
+        "| added µs (median of rounds) | 10th percentile µs |"
+    )
+    print("|---|---:|---:|---:|")
     for name, values in times.items():
         added = statistics.median(v - b for v, b in zip(values, bare, strict=True))
-        print(f"| {name} | {statistics.median(values):.2f} | {added:.2f} |")
+        low = sorted(values)[len(values) // 10]
+        print(f"| {name} | {statistics.median(values):.2f} | {added:.2f} | {low:.2f} |")
     return 0
 
 

@@ -46,7 +46,13 @@ lookup_attr(PyObject *obj, PyObject *name, PyObject **result)
 #define HASH_P2 0xCA5A826395121157ULL
 
 #define ROUTE_MEMO 8
+#define BATCH_SIZE 16 /* requests kept before the recorder classifies and counts them */
 #define FAST_SCHEMES 2 /* bearer, apikey: see fast_scheme() */
+
+/* One request kept for a batch: strong references; headers and query may be NULL (absent). */
+typedef struct {
+    PyObject *template, *path, *method, *headers, *query, *status;
+} Kept;
 
 typedef struct {
     PyObject_HEAD
@@ -85,7 +91,15 @@ typedef struct {
         PyObject *path;        /* its `path` when a str, else NULL */
         int mount;             /* it has `routes`: a Mount or Host, no endpoint matched */
     } route_memo[ROUTE_MEMO];
+    /* Requests kept for a batch (tally mode, ASGI, not measured): what record_scope reads of
+     * each, held until flush_batch() counts them all in a row, with the code and the tally
+     * hot in the caches (see flush_batch). Never the scope, which holds the app's objects. */
+    Kept batch[BATCH_SIZE];
+    int batched;
+    int batch_limit;           /* requests kept before they are counted: 0 (none) to BATCH_SIZE */
 } Recorder;
+
+static int flush_batch(Recorder *self);
 
 #define TALLY_MAX_KEYS 65536
 #define TALLY_MAX_NOTED 65536
@@ -119,7 +133,30 @@ Recorder_traverse(Recorder *self, visitproc visit, void *arg)
     for (int i = 0; i < FAST_SCHEMES; i++) {
         Py_VISIT(self->fast_sketch[i].registers);
     }
+    for (int i = 0; i < self->batched; i++) {
+        Kept *k = &self->batch[i];
+        Py_VISIT(k->template);
+        Py_VISIT(k->path);
+        Py_VISIT(k->method);
+        Py_VISIT(k->headers);
+        Py_VISIT(k->query);
+        Py_VISIT(k->status);
+    }
     return 0;
+}
+
+/* Drops the references of n kept requests. */
+static void
+release_kept(Kept *kept, int n)
+{
+    for (int i = 0; i < n; i++) {
+        Py_XDECREF(kept[i].template);
+        Py_XDECREF(kept[i].path);
+        Py_XDECREF(kept[i].method);
+        Py_XDECREF(kept[i].headers);
+        Py_XDECREF(kept[i].query);
+        Py_XDECREF(kept[i].status);
+    }
 }
 
 static int
@@ -144,6 +181,13 @@ Recorder_clear(Recorder *self)
     for (int i = 0; i < FAST_SCHEMES; i++) {
         Py_CLEAR(self->fast_sketch[i].registers);
     }
+    /* Uncounted: the recorder is dropped with the monitor's state (a reset, or a fork's
+     * child, whose parent counts them). */
+    int n = self->batched;
+    Kept kept[BATCH_SIZE];
+    memcpy(kept, self->batch, sizeof(Kept) * (size_t)n);
+    self->batched = 0;
+    release_kept(kept, n);
     return 0;
 }
 
@@ -371,6 +415,7 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
             return -1;
         }
     }
+    self->batch_limit = BATCH_SIZE;
     self->use_hash = hash_key != Py_None;
     self->key[0] = key[0];
     self->key[1] = key[1];
@@ -388,6 +433,11 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->cookie_needles, Py_NewRef(cookie_needles));
     self->query_mode = needle_mode(query_needles);
     self->cookie_mode = needle_mode(cookie_needles);
+    int kept = self->batched; /* re-initialised: what was kept belongs to the old tally */
+    Kept dropped[BATCH_SIZE];
+    memcpy(dropped, self->batch, sizeof(Kept) * (size_t)kept);
+    self->batched = 0;
+    release_kept(dropped, kept);
     Py_CLEAR(self->sketches);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->run_key);
@@ -736,7 +786,7 @@ Recorder_take(Recorder *self, PyObject *Py_UNUSED(ignored))
     if (self->counts == NULL) {
         return Py_BuildValue("({}[]n)", (Py_ssize_t)0);
     }
-    if (flush_run(self) < 0) {
+    if (flush_batch(self) < 0 || flush_run(self) < 0) {
         return NULL;
     }
     PyObject *counts = PyDict_New();
@@ -905,31 +955,16 @@ plain_bearer(Recorder *self, const unsigned char *a, Py_ssize_t n)
            !self->blank[a[n - 1]];
 }
 
-/* An ASGI request's record (see record_scope); cap: a measured request's (or NULL). */
+/* An ASGI request's record from what record_scope reads of its scope: its method (a str),
+ * its headers and its query string (NULL: absent). scope: the request's scope, where the query
+ * string is read when it is needed and which the reference classifies; or NULL for a kept
+ * request (see keep_request), whose query string is given and which the reference classifies
+ * as a dict of the two items it reads. cap: a measured request's (or NULL). */
 static PyObject *
-record_scope(Recorder *self, PyObject *scope, PyObject *template, PyObject *path,
-             PyObject *status, Capture *cap)
+record_parts(Recorder *self, PyObject *scope, PyObject *method, PyObject *headers,
+             PyObject *query, PyObject *template, PyObject *path, PyObject *status, Capture *cap)
 {
-    if (!PyDict_CheckExact(scope)) {
-        return enqueue_generic(self, self->classify_scope, scope, key_method, template, path,
-                               status, cap);
-    }
-    int other = 0;
-    PyObject *method = method_of(scope, key_method, &other);
-    if (method == NULL) {
-        return NULL;
-    }
-    if (other) { /* not a str: the method as `scope.get("method") or "GET"` gives it */
-        return enqueue_generic(self, self->classify_scope, scope, key_method, template, path,
-                               status, cap);
-    }
-    PyObject *headers = PyDict_GetItemWithError(scope, key_headers);
-    if (headers == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-    }
-    else if (!PyList_CheckExact(headers) && !PyTuple_CheckExact(headers)) {
+    if (headers != NULL && !PyList_CheckExact(headers) && !PyTuple_CheckExact(headers)) {
         goto reference;
     }
     PyObject *authorization = NULL, *apikey = NULL, *cookie = NULL;
@@ -994,16 +1029,16 @@ record_scope(Recorder *self, PyObject *scope, PyObject *template, PyObject *path
         return enqueue_ascii(self, template, path, method, str_apikey, status,
                              (const char *)a, n, cap);
     }
-    PyObject *query = PyDict_GetItemWithError(scope, key_query_string);
-    if (query == NULL) {
-        if (PyErr_Occurred()) {
+    if (scope != NULL) {
+        query = PyDict_GetItemWithError(scope, key_query_string);
+        if (query == NULL && PyErr_Occurred()) {
             return NULL;
         }
     }
-    else if (!PyBytes_CheckExact(query)) {
+    if (query != NULL && !PyBytes_CheckExact(query)) {
         goto reference;
     }
-    else if (PyBytes_GET_SIZE(query) > 0) {
+    if (query != NULL && PyBytes_GET_SIZE(query) > 0) {
         if (any_needle(self->query_needles, self->query_mode,
                        (const unsigned char *)PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query))) {
             goto reference;
@@ -1019,8 +1054,124 @@ record_scope(Recorder *self, PyObject *scope, PyObject *template, PyObject *path
                    cap);
 
 reference:
-    return enqueue_reference(self, self->classify_scope, scope, template, path, method, status,
-                             cap);
+    if (scope != NULL) {
+        return enqueue_reference(self, self->classify_scope, scope, template, path, method,
+                                 status, cap);
+    }
+    /* A kept request: the reference reads only these two items of a scope. */
+    PyObject *request = PyDict_New();
+    if (request == NULL ||
+        (headers != NULL && PyDict_SetItem(request, key_headers, headers) < 0) ||
+        (query != NULL && PyDict_SetItem(request, key_query_string, query) < 0)) {
+        Py_XDECREF(request);
+        return NULL;
+    }
+    PyObject *result = enqueue_reference(self, self->classify_scope, request, template, path,
+                                         method, status, cap);
+    Py_DECREF(request);
+    return result;
+}
+
+/* An ASGI request's record (see record_scope); cap: a measured request's (or NULL). */
+static PyObject *
+record_scope(Recorder *self, PyObject *scope, PyObject *template, PyObject *path,
+             PyObject *status, Capture *cap)
+{
+    if (!PyDict_CheckExact(scope)) {
+        return enqueue_generic(self, self->classify_scope, scope, key_method, template, path,
+                               status, cap);
+    }
+    int other = 0;
+    PyObject *method = method_of(scope, key_method, &other);
+    if (method == NULL) {
+        return NULL;
+    }
+    if (other) { /* not a str: the method as `scope.get("method") or "GET"` gives it */
+        return enqueue_generic(self, self->classify_scope, scope, key_method, template, path,
+                               status, cap);
+    }
+    PyObject *headers = PyDict_GetItemWithError(scope, key_headers);
+    if (headers == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    return record_parts(self, scope, method, headers, NULL, template, path, status, cap);
+}
+
+/* Keeps an ordinary request for the batch: 1 when kept, 0 when it is to be recorded now (a
+ * scope of unusual shape, which record_scope hands to the reference), -1 on error. The caller
+ * runs flush_batch when the batch is full. */
+static int
+keep_request(Recorder *self, PyObject *scope, PyObject *template, PyObject *path,
+             PyObject *status)
+{
+    if (self->batched >= self->batch_limit) {
+        return 0;
+    }
+    int other = 0;
+    PyObject *method = method_of(scope, key_method, &other);
+    if (method == NULL) {
+        return -1;
+    }
+    PyObject *headers = PyDict_GetItemWithError(scope, key_headers);
+    if (headers == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *query = PyDict_GetItemWithError(scope, key_query_string);
+    if (query == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (other || (headers != NULL && !PyList_CheckExact(headers) &&
+                  !PyTuple_CheckExact(headers)) ||
+        (query != NULL && !PyBytes_CheckExact(query))) {
+        return 0;
+    }
+    /* No Python code runs from here to the end: no other thread sees a half-made entry. */
+    Kept *k = &self->batch[self->batched++];
+    k->template = Py_NewRef(template);
+    k->path = Py_NewRef(path);
+    k->method = Py_NewRef(method);
+    k->headers = Py_XNewRef(headers);
+    k->query = Py_XNewRef(query);
+    k->status = Py_NewRef(status);
+    return 1;
+}
+
+/* Records the kept requests, in a row: the recorder's code, its tally and its sketches are
+ * then hot in the caches for all but the first (one request at a time, the application evicts
+ * them in between). They are taken out of the batch first: classifying one may run Python
+ * code, and another thread may keep requests meanwhile. A request that fails is not counted;
+ * the others are, and the first failure is raised. -1 on error. */
+static int
+flush_batch(Recorder *self)
+{
+    int n = self->batched;
+    if (n == 0) {
+        return 0;
+    }
+    Kept kept[BATCH_SIZE];
+    memcpy(kept, self->batch, sizeof(Kept) * (size_t)n);
+    self->batched = 0;
+    PyObject *type = NULL, *value = NULL, *traceback = NULL;
+    for (int i = 0; i < n; i++) {
+        Kept *k = &kept[i];
+        PyObject *result = record_parts(self, NULL, k->method, k->headers, k->query,
+                                        k->template, k->path, k->status, NULL);
+        if (result != NULL) {
+            Py_DECREF(result);
+        }
+        else if (type == NULL) {
+            PyErr_Fetch(&type, &value, &traceback);
+        }
+        else {
+            PyErr_Clear();
+        }
+    }
+    release_kept(kept, n);
+    if (type != NULL) {
+        PyErr_Restore(type, value, traceback);
+        return -1;
+    }
+    return 0;
 }
 
 /* record_scope(scope, template, path, status): an ASGI request. */
@@ -1325,7 +1476,20 @@ Recorder_finish_scope(Recorder *self, PyObject *scope, PyObject *status,
             }
         }
     }
-    PyObject *result = record_scope(self, scope, template, path, status, cap);
+    PyObject *result;
+    int kept = 0;
+    if (cap == NULL && self->counts != NULL) { /* an ordinary request in tally mode */
+        kept = keep_request(self, scope, template, path, status);
+    }
+    if (kept == 0) {
+        result = record_scope(self, scope, template, path, status, cap);
+    }
+    else if (kept > 0 && self->batched >= self->batch_limit) {
+        result = flush_batch(self) < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    else {
+        result = kept > 0 ? Py_NewRef(Py_None) : NULL;
+    }
     Py_DECREF(template);
     if (result == NULL) {
         return NULL;
@@ -1334,14 +1498,55 @@ Recorder_finish_scope(Recorder *self, PyObject *scope, PyObject *status,
     Py_RETURN_TRUE;
 }
 
+/* flush(): counts the requests kept for a batch now (before a reading of the heap: kept
+ * requests hold their headers, which would otherwise be freed between two readings). */
+static PyObject *
+Recorder_flush(Recorder *self, PyObject *Py_UNUSED(ignored))
+{
+    if (flush_batch(self) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Recorder_methods[] = {
     {"take", (PyCFunction)Recorder_take, METH_NOARGS,
      "take() -> (counts, noted, dropped): the tally since the last take (tally mode)."},
+    {"flush", (PyCFunction)Recorder_flush, METH_NOARGS,
+     "flush(): count the requests kept for a batch now (tally mode)."},
     {"record_scope", (PyCFunction)(void (*)(void))Recorder_record_scope, METH_FASTCALL,
      "record_scope(scope, template, path, status): queue an ASGI request's record."},
     {"record_environ", (PyCFunction)(void (*)(void))Recorder_record_environ, METH_FASTCALL,
      "record_environ(environ, template, path, status): queue a WSGI request's record."},
     {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+Recorder_get_batch_limit(Recorder *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->batch_limit);
+}
+
+static int
+Recorder_set_batch_limit(Recorder *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    long limit = value == NULL ? -1 : PyLong_AsLong(value);
+    if (limit == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (limit < 0 || limit > BATCH_SIZE) {
+        PyErr_Format(PyExc_ValueError, "batch_limit must be from 0 to %d", BATCH_SIZE);
+        return -1;
+    }
+    self->batch_limit = (int)limit;
+    return flush_batch(self); /* what is kept now may be over the new limit */
+}
+
+static PyGetSetDef Recorder_getset[] = {
+    {"batch_limit", (getter)Recorder_get_batch_limit, (setter)Recorder_set_batch_limit,
+     "Ordinary ASGI requests kept before they are counted together (0: each at its end).",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject RecorderType = {
@@ -1357,6 +1562,7 @@ static PyTypeObject RecorderType = {
     .tp_traverse = (traverseproc)Recorder_traverse,
     .tp_clear = (inquiry)Recorder_clear,
     .tp_methods = Recorder_methods,
+    .tp_getset = Recorder_getset,
 };
 
 /* --- the request gate ----------------------------------------------------------------------
@@ -3362,7 +3568,8 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(module, "Gate", (PyObject *)&GateType) < 0 ||
         PyModule_AddObjectRef(module, "ASGICall", (PyObject *)&ASGICallType) < 0 ||
         PyModule_AddObjectRef(module, "AsyncCall", (PyObject *)&AsyncCallType) < 0 ||
-        PyModule_AddObjectRef(module, "ASGIBase", (PyObject *)&ASGIBaseType) < 0) {
+        PyModule_AddObjectRef(module, "ASGIBase", (PyObject *)&ASGIBaseType) < 0 ||
+        PyModule_AddIntConstant(module, "BATCH_SIZE", BATCH_SIZE) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -419,7 +419,13 @@ class Monitor:
     def _drain_locked(self) -> None:
         # What the compiled recorder counted itself (its fingerprints are in the sketches
         # already), then the queue: the Python recorder's requests and measured ones.
-        tallied, noted, _dropped = self.recorder.take()
+        try:
+            tallied, noted, _dropped = self.recorder.take()
+        except Exception as exc:
+            # A request kept for a batch could not be classified: it is lost, the others are
+            # counted, and the tally (left in place) comes with the next call.
+            self.errors.record("recorder.take", exc)
+            tallied, noted, _dropped = self.recorder.take()
         queue = self._pending
         n = len(queue)
         if not (n or tallied or noted):
@@ -489,6 +495,15 @@ class Monitor:
             self._probe_spent += self._timer() - start
         return key
 
+    def _flush_recorder(self) -> None:
+        """Counts the requests the recorder keeps for a batch, before a reading: they hold their
+        headers, which would otherwise be freed between a sample's or a pair's readings and
+        pass for memory given back."""
+        try:
+            self.recorder.flush()
+        except Exception as exc:
+            self.errors.record("recorder.flush", exc)
+
     def _read_probe(self, heavy: bool) -> Probe:
         signals = self.signals
         heap = rss = None
@@ -501,6 +516,7 @@ class Monitor:
         return Probe(signals.gc_pending(), signals.collections_total(), heap, rss)
 
     def _probe_open(self) -> Probe | None:
+        self._flush_recorder()  # (work of the requests kept: not the probe's cost)
         start = self._timer()
         probe = self._read_probe(self._random() < self._heavy_share)
         with self._lock:
@@ -511,6 +527,7 @@ class Monitor:
         return None  # another thread opened one first
 
     def _probe_close(self) -> Probe | None:
+        self._flush_recorder()
         start = self._timer()
         with self._lock:
             first, self._closable = self._closable, None
@@ -904,6 +921,7 @@ class Monitor:
 
     def read_signals(self) -> Sample:
         """Reads every signal now; a reading that fails is None and counted as an error."""
+        self._flush_recorder()
         signals = self.signals
         rss: int | None = None
         heap: int | None = None

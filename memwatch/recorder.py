@@ -15,6 +15,12 @@ The C one decides only the common cases itself (no credential, a plain Bearer to
 API key) and calls the reference for everything else, so it can never classify differently;
 ``tests/test_recorder.py`` checks both on generated headers. ``Config(speedups=False)``
 (``MEMWATCH_SPEEDUPS=0``) keeps the pure-Python path.
+
+The compiled ASGI path (``memwatch._speedups.StatusSend.finish``) keeps an ordinary request's
+method, headers list and query string (never its scope, which holds the app's objects) and
+records up to ``_speedups.BATCH_SIZE`` of them in a row, when the batch is full or before
+anything reads the heap (``flush()``: samples, measured pairs, drains): done one at a time, the
+recorder's code and tally are evicted from the CPU's caches by the app in between.
 """
 
 from __future__ import annotations
@@ -67,6 +73,12 @@ class Recorder(t.Protocol):
         sampled for the first-seen filter, requests lost to a full tally. Empty otherwise."""
         ...
 
+    def flush(self) -> None:
+        """Counts now what the recorder keeps for a batch (the compiled recorder keeps a few
+        ordinary ASGI requests and counts them together): called before every reading of the
+        heap, since a kept request holds its headers."""
+        ...
+
 
 class PyRecorder:
     """The reference recorder, in Python."""
@@ -101,6 +113,9 @@ class PyRecorder:
 
     def take(self) -> tuple[dict[tuple[t.Any, ...], int], list[int], int]:
         return {}, [], 0  # every request went to the queue
+
+    def flush(self) -> None:
+        pass  # nothing kept: every request went to the queue
 
 
 class Gate(t.Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -743,6 +744,9 @@ def test_a_recorder_set_on_the_monitor_is_the_one_the_middlewares_use() -> None:
         def take(self) -> tuple[dict[Any, int], list[int], int]:
             return {}, [], 0
 
+        def flush(self) -> None:
+            pass
+
     amw, wmw = _middleware_pair()
     _asgi_get(amw, "/a")  # the gate is kept from here on
     _wsgi_get(wmw, "/w")
@@ -1071,3 +1075,188 @@ def test_compiled_send_reads_messages_as_the_app_would() -> None:
     assert sent == messages
     assert len(errors) == 1 and errors[0].args == ("type",)
     assert mw.monitor.snapshot().counts == {("/m", "GET", "anonymous", "ok"): 1}
+
+
+# --- the batch of kept requests (compiled ASGI path) ------------------------------------------
+
+
+async def _status_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the status the path ends in: /s/404 -> 404."""
+    await send({"type": "http.response.start", "status": int(scope["path"][3:]), "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _batching_middleware(**options: Any) -> Any:
+    """A compiled ASGI middleware whose drains and samples come only every 256 requests (so
+    that nothing but the batch itself counts the kept requests in the tests below), served
+    once so that its gate and recorder are kept, the batch empty."""
+    import memwatch
+
+    mw = memwatch.ASGIMiddleware(
+        _status_app,
+        log_startup=False,
+        request_sample_rate=0.0,
+        sample_every_requests=10_000,
+        sample_every_seconds=3600.0,
+        **options,
+    )
+    _serve_all(mw, [_plain_scope([], "/s/200")])
+    mw.monitor.recorder.flush()
+    return mw
+
+
+def _plain_scope(headers: Any, path: str = "/s/200", **extra: Any) -> dict[str, Any]:
+    scope = {"type": "http", "method": "GET", "path": path, "headers": headers}
+    scope["query_string"] = b""
+    scope.update(extra)
+    return scope
+
+
+def _extra_refs(objects: list[Any], base: list[int]) -> list[int]:
+    """References to each object beyond those counted in ``base`` (an earlier _refs)."""
+    return [now - before for now, before in zip(_refs(objects), base, strict=True)]
+
+
+def _refs(objects: list[Any]) -> list[int]:
+    return [sys.getrefcount(o) for o in objects]
+
+
+def _serve_all(mw: Any, scopes: list[dict[str, Any]]) -> list[Any]:
+    """Serves the requests one after another in one event loop; returns what reached the
+    server."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        for scope in scopes:
+            await mw(scope, _receive_request, send)
+
+    asyncio.run(run())
+    return sent
+
+
+@needs_compiled
+def test_kept_requests_hold_their_headers_until_a_full_batch_is_counted() -> None:
+    from memwatch._speedups import BATCH_SIZE
+
+    mw = _batching_middleware()
+    assert mw.monitor.recorder.batch_limit == BATCH_SIZE > 1
+    held = [[(b"authorization", f"Bearer tok-{i}".encode())] for i in range(BATCH_SIZE)]
+    base = _refs(held)
+    _serve_all(mw, [_plain_scope(headers) for headers in held[:-1]])
+    # Kept: one reference more to each request's headers (its scope is gone), none to the scope.
+    assert _extra_refs(held, base) == [1] * (BATCH_SIZE - 1) + [0]
+    # The request that fills the batch has them all counted, and their headers let go.
+    _serve_all(mw, [_plain_scope(held[-1])])
+    assert _extra_refs(held, base) == [0] * BATCH_SIZE
+    snapshot = mw.monitor.snapshot()
+    assert snapshot.counts[("/s/{id}", "GET", "bearer", "ok")] == BATCH_SIZE
+    assert snapshot.distinct_credentials["bearer"] == pytest.approx(BATCH_SIZE, rel=0.1)
+
+
+@needs_compiled
+def test_readings_of_the_heap_count_the_kept_requests_first() -> None:
+    # A kept request holds its headers (a list, its tuples, their bytes): freed between the two
+    # readings of a measured pair they would pass for memory the request gave back.
+    mw = _batching_middleware()
+    monitor = mw.monitor
+    for read in (monitor.read_signals, monitor._probe_open):
+        held = [[(b"x-api-key", f"key-{i}".encode())] for i in range(3)]
+        base = _refs(held)
+        _serve_all(mw, [_plain_scope(headers) for headers in held])
+        assert _extra_refs(held, base) == [1, 1, 1]
+        read()
+        assert _extra_refs(held, base) == [0, 0, 0]
+    assert monitor.snapshot().counts[("/s/{id}", "GET", "apikey", "ok")] == 6
+
+
+@needs_compiled
+@pytest.mark.parametrize("hashing", ["blake2b", "compiled hash"])
+def test_kept_requests_fold_into_the_same_state_as_the_python_path(hashing: str) -> None:
+    import random
+
+    rng = random.Random(11)
+    shared = Fingerprinter(b"k" * 16) if hashing == "blake2b" else Fingerprinter()
+    fast, slow = _batching_middleware(), _batching_middleware(speedups=False)
+    assert not isinstance(fast.monitor.recorder, PyRecorder)
+    assert isinstance(slow.monitor.recorder, PyRecorder)
+    for mw in (fast, slow):
+        mw.monitor._fingerprinter = shared
+        mw.monitor.fingerprint = shared.fingerprint
+        mw.monitor._reset_state()
+    for _ in range(40):
+        scopes = []
+        for _ in range(rng.randrange(1, 60)):
+            token = f"tok-{rng.randrange(300)}".encode()
+            headers: Any = rng.choice(
+                [
+                    [(b"accept", b"*/*"), (b"authorization", b"Bearer " + token)],
+                    [(b"x-api-key", token), (b"x-api-key", b"second")],
+                    [(b"authorization", b"Basic " + token)],
+                    [(b"cookie", b"sessionid=" + token), (b"cookie", b"theme=dark")],
+                    [(b"authorization", b"Bearer  " + token + b" ")],
+                    [(b"authorization", b"bearer " + token)],
+                    [(b"authorization", b"Bearer caf\xc3\xa9")],
+                    [],
+                ]
+            )
+            if rng.random() < 0.1:
+                headers = tuple(headers)
+            query = rng.choice([b"", b"page=2", b"access_token=" + token])
+            status = rng.choice(["200", "200", "404", "401", "500"])
+            scope = _plain_scope(
+                headers, f"/s/{status}", method=rng.choice(["GET", "POST", "BREW"])
+            )
+            scope["query_string"] = query
+            if rng.random() < 0.05:
+                del scope["query_string"]
+            scopes.append(scope)
+        for mw in (fast, slow):
+            # The same requests, each with its own scope and headers, as a server makes them.
+            copies = [{**s, "headers": type(s["headers"])(s["headers"])} for s in scopes]
+            _serve_all(mw, copies)
+        if rng.random() < 0.3:
+            fast.monitor.drain()
+            slow.monitor.drain()
+    fast_snapshot, slow_snapshot = fast.monitor.snapshot(), slow.monitor.snapshot()
+    assert fast_snapshot.requests == slow_snapshot.requests > 1000
+    assert fast.monitor._counts == slow.monitor._counts
+    assert len({key[2] for key in fast.monitor._counts}) >= 5  # the schemes above, and others
+    for scheme, sketch in slow.monitor._sketches.items():
+        assert fast.monitor._sketches[scheme].registers == sketch.registers, scheme
+    assert fast.monitor.first_seen == slow.monitor.first_seen > 0
+    assert fast.monitor.errors.total == slow.monitor.errors.total == 0
+
+
+@needs_compiled
+def test_a_kept_request_that_cannot_be_classified_is_counted_as_an_error_alone() -> None:
+    from memwatch._speedups import BATCH_SIZE
+
+    class Broken(AuthClassifier):
+        def from_scope(self, scope: object) -> tuple[str, str | None]:
+            raise RuntimeError("broken")
+
+    mw = _batching_middleware()
+    monitor = mw.monitor
+    monitor.drain()  # the first request, counted before its recorder is replaced
+    monitor.recorder = make_recorder(
+        monitor.enqueue, Broken(Config()), monitor._fingerprinter, sketches=monitor._sketches
+    )
+    # A Basic request (the classifier's to decide: it raises) kept among Bearer ones (decided
+    # in C): the app's responses are unchanged; the batch's flush, at the end of the request
+    # that fills it, counts one error and every request but the Basic one.
+    scopes = [_plain_scope([(b"authorization", b"Basic dTpw")])]
+    scopes += [_plain_scope([(b"authorization", b"Bearer t")]) for _ in range(BATCH_SIZE - 1)]
+    sent = _serve_all(mw, scopes)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] * BATCH_SIZE
+    assert monitor.errors.by_where == {"asgi.finish": 1}
+    # Kept and counted by a drain instead: the drain counts the error and goes on.
+    _serve_all(mw, scopes[:3])
+    snapshot = monitor.snapshot()
+    assert monitor.errors.by_where == {"asgi.finish": 1, "recorder.take": 1}
+    assert snapshot.counts == {
+        ("/s/{id}", "GET", "anonymous", "ok"): 1,  # the middleware's first request
+        ("/s/{id}", "GET", "bearer", "ok"): BATCH_SIZE - 1 + 2,
+    }
