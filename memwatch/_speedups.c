@@ -14,7 +14,9 @@
  *   - an API-key header whose value is ASCII and at most 8192 bytes: apikey.
  * Anything else (other schemes, blanks, non-ASCII credentials, a needle found in the query
  * string or the cookies, repeated Cookie headers, unexpected types) calls the Python
- * classifier. The credential is never stored: its bytes are hashed and dropped.
+ * classifier. The credential is never stored: its bytes are hashed and dropped. (An ordinary
+ * ASGI request is recorded in a batch: its headers list, the server's, is held until the batch
+ * is counted, at most BATCH_SIZE requests; see keep_request and flush_batch.)
  *
  * The fingerprint is keyed_hash() below, keyed with the Fingerprinter's random 128-bit key;
  * memwatch.sketch.Fingerprinter calls the same function (keyed_hash, exported) for the
