@@ -161,6 +161,19 @@ release_kept(Kept *kept, int n)
     }
 }
 
+/* Drops the kept requests uncounted (they belong to a tally being dropped: a reset, a fork's
+ * child, whose parent counts them, or a re-initialised recorder). The batch is emptied before
+ * any reference goes: a deallocation may run Python code that comes back here. */
+static void
+drop_batch(Recorder *self)
+{
+    int n = self->batched;
+    Kept kept[BATCH_SIZE];
+    memcpy(kept, self->batch, sizeof(Kept) * (size_t)n);
+    self->batched = 0;
+    release_kept(kept, n);
+}
+
 static int
 Recorder_clear(Recorder *self)
 {
@@ -183,13 +196,7 @@ Recorder_clear(Recorder *self)
     for (int i = 0; i < FAST_SCHEMES; i++) {
         Py_CLEAR(self->fast_sketch[i].registers);
     }
-    /* Uncounted: the recorder is dropped with the monitor's state (a reset, or a fork's
-     * child, whose parent counts them). */
-    int n = self->batched;
-    Kept kept[BATCH_SIZE];
-    memcpy(kept, self->batch, sizeof(Kept) * (size_t)n);
-    self->batched = 0;
-    release_kept(kept, n);
+    drop_batch(self);
     return 0;
 }
 
@@ -435,11 +442,7 @@ Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->cookie_needles, Py_NewRef(cookie_needles));
     self->query_mode = needle_mode(query_needles);
     self->cookie_mode = needle_mode(cookie_needles);
-    int kept = self->batched; /* re-initialised: what was kept belongs to the old tally */
-    Kept dropped[BATCH_SIZE];
-    memcpy(dropped, self->batch, sizeof(Kept) * (size_t)kept);
-    self->batched = 0;
-    release_kept(dropped, kept);
+    drop_batch(self);
     Py_CLEAR(self->sketches);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->run_key);
@@ -1106,9 +1109,6 @@ static int
 keep_request(Recorder *self, PyObject *scope, PyObject *template, PyObject *path,
              PyObject *status)
 {
-    if (self->batched >= self->batch_limit) {
-        return 0;
-    }
     int other = 0;
     PyObject *method = method_of(scope, key_method, &other);
     if (method == NULL) {
@@ -1122,8 +1122,10 @@ keep_request(Recorder *self, PyObject *scope, PyObject *template, PyObject *path
     if (query == NULL && PyErr_Occurred()) {
         return -1;
     }
-    if (other || (headers != NULL && !PyList_CheckExact(headers) &&
-                  !PyTuple_CheckExact(headers)) ||
+    /* (The look-ups above may have run Python code, a key's __eq__, and let another thread
+     * fill the batch: its room is checked after them.) */
+    if (other || self->batched >= self->batch_limit ||
+        (headers != NULL && !PyList_CheckExact(headers) && !PyTuple_CheckExact(headers)) ||
         (query != NULL && !PyBytes_CheckExact(query))) {
         return 0;
     }
@@ -1532,7 +1534,11 @@ Recorder_get_batch_limit(Recorder *self, void *Py_UNUSED(closure))
 static int
 Recorder_set_batch_limit(Recorder *self, PyObject *value, void *Py_UNUSED(closure))
 {
-    long limit = value == NULL ? -1 : PyLong_AsLong(value);
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "batch_limit cannot be deleted");
+        return -1;
+    }
+    long limit = PyLong_AsLong(value);
     if (limit == -1 && PyErr_Occurred()) {
         return -1;
     }

@@ -1260,3 +1260,26 @@ def test_a_kept_request_that_cannot_be_classified_is_counted_as_an_error_alone()
         ("/s/{id}", "GET", "anonymous", "ok"): 1,  # the middleware's first request
         ("/s/{id}", "GET", "bearer", "ok"): BATCH_SIZE - 1 + 2,
     }
+
+
+@needs_compiled
+def test_batch_limit_zero_records_each_request_at_its_end() -> None:
+    from memwatch._speedups import BATCH_SIZE
+
+    mw = _batching_middleware()
+    recorder = mw.monitor.recorder
+    held = [[(b"authorization", b"Bearer a")] for _ in range(2)]
+    base = _refs(held)
+    _serve_all(mw, [_plain_scope(held[0])])
+    assert _extra_refs(held, base) == [1, 0]
+    recorder.batch_limit = 0  # what is kept is counted now; from here on nothing is kept
+    assert _extra_refs(held, base) == [0, 0]
+    _serve_all(mw, [_plain_scope(held[1])])
+    assert _extra_refs(held, base) == [0, 0]
+    assert mw.monitor.snapshot().counts[("/s/{id}", "GET", "bearer", "ok")] == 2
+    for bad in (-1, BATCH_SIZE + 1):
+        with pytest.raises(ValueError, match="batch_limit must be from 0 to 16"):
+            recorder.batch_limit = bad
+    with pytest.raises(AttributeError, match="cannot be deleted"):
+        del recorder.batch_limit
+    assert recorder.batch_limit == 0
