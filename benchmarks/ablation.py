@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inprocess as bench
 
 import memwatch
+from memwatch.recorder import compiled_available
 
 
 class TrivialASGI:
@@ -133,10 +134,9 @@ def variants(app_name: str) -> dict[str, Any]:
     no_record = memwatch.wrap(make())
     no_record.monitor.recorder = NullRecorder()
     extra: dict[str, Any] = {}
-    unbatched = memwatch.wrap(make())
-    if asgi and hasattr(unbatched.monitor.recorder, "batch_limit"):
+    if asgi and compiled_available():
+        extra["unbatched"] = unbatched = memwatch.wrap(make())
         unbatched.monitor.recorder.batch_limit = 0
-        extra["unbatched"] = unbatched
     return {
         "bare": make(),
         "trivial": (TrivialASGI if asgi else TrivialWSGI)(make()),

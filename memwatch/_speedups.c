@@ -1485,14 +1485,17 @@ Recorder_finish_scope(Recorder *self, PyObject *scope, PyObject *status,
     if (cap == NULL && self->counts != NULL) { /* an ordinary request in tally mode */
         kept = keep_request(self, scope, template, path, status);
     }
-    if (kept == 0) {
+    if (kept < 0) {
+        result = NULL;
+    }
+    else if (kept == 0) {
         result = record_scope(self, scope, template, path, status, cap);
     }
-    else if (kept > 0 && self->batched >= self->batch_limit) {
-        result = flush_batch(self) < 0 ? NULL : Py_NewRef(Py_None);
+    else if (self->batched >= self->batch_limit && flush_batch(self) < 0) {
+        result = NULL; /* the batch it filled: counted, but for the requests that failed */
     }
     else {
-        result = kept > 0 ? Py_NewRef(Py_None) : NULL;
+        result = Py_NewRef(Py_None);
     }
     Py_DECREF(template);
     if (result == NULL) {

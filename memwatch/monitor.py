@@ -418,14 +418,10 @@ class Monitor:
 
     def _drain_locked(self) -> None:
         # What the compiled recorder counted itself (its fingerprints are in the sketches
-        # already), then the queue: the Python recorder's requests and measured ones.
-        try:
-            tallied, noted, _dropped = self.recorder.take()
-        except Exception as exc:
-            # A request kept for a batch could not be classified: it is lost, the others are
-            # counted, and the tally (left in place) comes with the next call.
-            self.errors.record("recorder.take", exc)
-            tallied, noted, _dropped = self.recorder.take()
+        # already), then the queue: the Python recorder's requests and measured ones. The
+        # requests it keeps for a batch are counted first, as before any reading.
+        self._flush_recorder()
+        tallied, noted, _dropped = self.recorder.take()
         queue = self._pending
         n = len(queue)
         if not (n or tallied or noted):
@@ -496,9 +492,10 @@ class Monitor:
         return key
 
     def _flush_recorder(self) -> None:
-        """Counts the requests the recorder keeps for a batch, before a reading: they hold their
-        headers, which would otherwise be freed between a sample's or a pair's readings and
-        pass for memory given back."""
+        """Counts the requests the recorder keeps for a batch, before a drain and before a
+        reading: they hold their headers, which would otherwise be freed between a sample's or
+        a pair's readings and pass for memory given back. A kept request that cannot be
+        classified is lost and counted as an error; the others are counted."""
         try:
             self.recorder.flush()
         except Exception as exc:

@@ -980,26 +980,16 @@ def test_route_memo_gives_the_templates_of_the_python_path() -> None:
     ],
 )
 def test_own_paths_are_told_apart_at_any_character_width(path: str, own: bool) -> None:
-    import asyncio
-
     import memwatch
 
     called: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         called.append(scope["path"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def receive() -> Any:
-        return {"type": "http.request"}
-
-    async def send(message: Any) -> None:
-        pass
+        await _asgi_app(scope, receive, send)
 
     mw = memwatch.ASGIMiddleware(app, log_startup=False, request_sample_rate=0.0)
-    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
-    asyncio.run(mw(scope, receive, send))
+    _asgi_get(mw, path)
     # memwatch's own paths are answered by memwatch (or refused), never passed to the app
     assert (called == []) is own
 
@@ -1100,16 +1090,9 @@ def _batching_middleware(**options: Any) -> Any:
         sample_every_seconds=3600.0,
         **options,
     )
-    _serve_all(mw, [_plain_scope([], "/s/200")])
+    _asgi_get(mw, "/s/200")
     mw.monitor.recorder.flush()
     return mw
-
-
-def _plain_scope(headers: Any, path: str = "/s/200", **extra: Any) -> dict[str, Any]:
-    scope = {"type": "http", "method": "GET", "path": path, "headers": headers}
-    scope["query_string"] = b""
-    scope.update(extra)
-    return scope
 
 
 def _extra_refs(objects: list[Any], base: list[int]) -> list[int]:
@@ -1145,11 +1128,11 @@ def test_kept_requests_hold_their_headers_until_a_full_batch_is_counted() -> Non
     assert mw.monitor.recorder.batch_limit == BATCH_SIZE > 1
     held = [[(b"authorization", f"Bearer tok-{i}".encode())] for i in range(BATCH_SIZE)]
     base = _refs(held)
-    _serve_all(mw, [_plain_scope(headers) for headers in held[:-1]])
+    _serve_all(mw, [scope_of(headers, path="/s/200") for headers in held[:-1]])
     # Kept: one reference more to each request's headers (its scope is gone), none to the scope.
     assert _extra_refs(held, base) == [1] * (BATCH_SIZE - 1) + [0]
     # The request that fills the batch has them all counted, and their headers let go.
-    _serve_all(mw, [_plain_scope(held[-1])])
+    _serve_all(mw, [scope_of(held[-1], path="/s/200")])
     assert _extra_refs(held, base) == [0] * BATCH_SIZE
     snapshot = mw.monitor.snapshot()
     assert snapshot.counts[("/s/{id}", "GET", "bearer", "ok")] == BATCH_SIZE
@@ -1165,7 +1148,7 @@ def test_readings_of_the_heap_count_the_kept_requests_first() -> None:
     for read in (monitor.read_signals, monitor._probe_open):
         held = [[(b"x-api-key", f"key-{i}".encode())] for i in range(3)]
         base = _refs(held)
-        _serve_all(mw, [_plain_scope(headers) for headers in held])
+        _serve_all(mw, [scope_of(headers, path="/s/200") for headers in held])
         assert _extra_refs(held, base) == [1, 1, 1]
         read()
         assert _extra_refs(held, base) == [0, 0, 0]
@@ -1206,10 +1189,9 @@ def test_kept_requests_fold_into_the_same_state_as_the_python_path(hashing: str)
                 headers = tuple(headers)
             query = rng.choice([b"", b"page=2", b"access_token=" + token])
             status = rng.choice(["200", "200", "404", "401", "500"])
-            scope = _plain_scope(
-                headers, f"/s/{status}", method=rng.choice(["GET", "POST", "BREW"])
+            scope = scope_of(
+                headers, query, path=f"/s/{status}", method=rng.choice(["GET", "POST", "BREW"])
             )
-            scope["query_string"] = query
             if rng.random() < 0.05:
                 del scope["query_string"]
             scopes.append(scope)
@@ -1247,15 +1229,17 @@ def test_a_kept_request_that_cannot_be_classified_is_counted_as_an_error_alone()
     # A Basic request (the classifier's to decide: it raises) kept among Bearer ones (decided
     # in C): the app's responses are unchanged; the batch's flush, at the end of the request
     # that fills it, counts one error and every request but the Basic one.
-    scopes = [_plain_scope([(b"authorization", b"Basic dTpw")])]
-    scopes += [_plain_scope([(b"authorization", b"Bearer t")]) for _ in range(BATCH_SIZE - 1)]
+    scopes = [scope_of([(b"authorization", b"Basic dTpw")], path="/s/200")]
+    scopes += [
+        scope_of([(b"authorization", b"Bearer t")], path="/s/200") for _ in range(BATCH_SIZE - 1)
+    ]
     sent = _serve_all(mw, scopes)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] * BATCH_SIZE
     assert monitor.errors.by_where == {"asgi.finish": 1}
     # Kept and counted by a drain instead: the drain counts the error and goes on.
     _serve_all(mw, scopes[:3])
     snapshot = monitor.snapshot()
-    assert monitor.errors.by_where == {"asgi.finish": 1, "recorder.take": 1}
+    assert monitor.errors.by_where == {"asgi.finish": 1, "recorder.flush": 1}
     assert snapshot.counts == {
         ("/s/{id}", "GET", "anonymous", "ok"): 1,  # the middleware's first request
         ("/s/{id}", "GET", "bearer", "ok"): BATCH_SIZE - 1 + 2,
@@ -1270,11 +1254,11 @@ def test_batch_limit_zero_records_each_request_at_its_end() -> None:
     recorder = mw.monitor.recorder
     held = [[(b"authorization", b"Bearer a")] for _ in range(2)]
     base = _refs(held)
-    _serve_all(mw, [_plain_scope(held[0])])
+    _serve_all(mw, [scope_of(held[0], path="/s/200")])
     assert _extra_refs(held, base) == [1, 0]
     recorder.batch_limit = 0  # what is kept is counted now; from here on nothing is kept
     assert _extra_refs(held, base) == [0, 0]
-    _serve_all(mw, [_plain_scope(held[1])])
+    _serve_all(mw, [scope_of(held[1], path="/s/200")])
     assert _extra_refs(held, base) == [0, 0]
     assert mw.monitor.snapshot().counts[("/s/{id}", "GET", "bearer", "ok")] == 2
     for bad in (-1, BATCH_SIZE + 1):
