@@ -15,6 +15,14 @@ median and interquartile range over batches, the added time and the bare/wrapped
 repeated with ``--extra-objects`` live objects held in the heap (default: none, then 2,000,000, a
 production-sized process), because some of memwatch's readings cost more as the heap grows.
 
+memwatch's start-up (the requests its detector ignores while the app warms up, then the denser
+samples and measured requests of its first verdict: about 12,000 requests on the benchmark's own
+heap, 20,000 with 2,000,000 extra objects, once per process) costs several times its steady
+state. By default (``--start-up separate``) rounds are run, timed alike, until memwatch reaches
+its steady state, and reported apart (their rounds, the added time per request, the CPU added in
+all, and both ratios as they would be with those rounds counted); the measured rounds follow.
+``--start-up include`` measures from the first round, as the harness did before.
+
 Usage::
 
     .venv/bin/python benchmarks/inprocess.py                 # defaults, about a minute
@@ -37,7 +45,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import memwatch
@@ -45,6 +53,9 @@ import memwatch
 # How many requests share one Bearer token: a token per user session, not per request.
 REQUESTS_PER_TOKEN = 4
 DISTINCT_ITEMS = 1000
+# The most start-up rounds run before the measured ones (memwatch's first verdict comes after
+# about 12 of them on the benchmark's own heap, 20 with 2,000,000 extra objects).
+START_UP_MAX = 100
 
 TIMERS: dict[str, Callable[[], float]] = {
     "thread": time.thread_time,
@@ -339,6 +350,33 @@ class Result:
     # Whether memwatch's periodic work ran on its steady-state budget at the end of each round
     # (the detector has judged a full window and suspects nothing); the early phase before.
     steady: list[bool]
+    # "separate": the rounds before memwatch's steady state (its start-up, once per process)
+    # were run first and are these lists, not part of the figures above; "include": they are
+    # among the measured rounds (``steady`` tells them apart) and these lists are empty.
+    start_up: str = "separate"
+    start_up_reached: bool = True  # steady state reached within --start-up-max rounds
+    start_up_bare_us: list[float] = field(default_factory=list)
+    start_up_wrapped_us: list[float] = field(default_factory=list)
+
+    def start_up_summary(self) -> tuple[int, float, float, float] | None:
+        """(rounds, median µs added per request, ratio of the medians, CPU added in all, ms)
+        of the start-up rounds run apart, or None."""
+        pairs = list(zip(self.start_up_bare_us, self.start_up_wrapped_us, strict=True))
+        if not pairs:
+            return None
+        bare = [b for b, _ in pairs]
+        wrapped = [w for _, w in pairs]
+        added = statistics.median(w - b for b, w in pairs)
+        total_ms = sum(w - b for b, w in pairs) * self.requests_per_batch / 1000.0
+        return len(pairs), added, statistics.median(bare) / statistics.median(wrapped), total_ms
+
+    def ratios_with_start_up(self) -> tuple[float, float]:
+        """Both ratios over the start-up rounds and the measured ones together, as a run that
+        began measuring at once would give them."""
+        bare = self.start_up_bare_us + self.bare_us
+        wrapped = self.start_up_wrapped_us + self.wrapped_us
+        paired = statistics.median(b / w for b, w in zip(bare, wrapped, strict=True))
+        return statistics.median(bare) / statistics.median(wrapped), paired
 
 
 def build_apps(name: str, loop: asyncio.AbstractEventLoop) -> tuple[Driver, Driver, Any]:
@@ -358,6 +396,29 @@ def build_apps(name: str, loop: asyncio.AbstractEventLoop) -> tuple[Driver, Driv
     raise ValueError(f"unknown app {name!r}")
 
 
+def _round(
+    bare: Driver,
+    wrapped: Driver,
+    specs: Sequence[RequestSpec],
+    order: Sequence[str],
+    timer: Callable[[], float],
+    memwatch_callbacks: Sequence[Any],
+) -> tuple[float, float, bool]:
+    """One bare and one wrapped batch of the same requests, in ``order``: (bare µs per
+    request, wrapped µs per request, whether tracemalloc ran during the round)."""
+    traced = tracemalloc.is_tracing()
+    times = {}
+    for variant in order:
+        if variant == "bare":
+            with _without_gc_callbacks(memwatch_callbacks):
+                times[variant] = bare.measure(specs, timer)
+        else:
+            times[variant] = wrapped.measure(specs, timer)
+        traced = traced or tracemalloc.is_tracing()
+    per_request = 1e6 / len(specs)
+    return times["bare"] * per_request, times["wrapped"] * per_request, traced
+
+
 def measure(
     name: str,
     *,
@@ -367,10 +428,18 @@ def measure(
     timer: Callable[[], float],
     loop: asyncio.AbstractEventLoop,
     progress: Callable[[str], None],
+    start_up: str = "separate",
+    start_up_max: int = START_UP_MAX,
 ) -> Result:
     """Interleaved rounds of one bare and one wrapped batch of the same requests, the order
-    alternating from round to round."""
+    alternating from round to round.
+
+    ``start_up="separate"``: rounds are run, timed the same way, until memwatch is in its steady
+    state (its first verdict given), at most ``start_up_max`` of them; they are reported apart
+    (:class:`Result`'s ``start_up_*`` fields) and the ``batches`` measured rounds follow.
+    ``"include"``: the measured rounds begin at once, the start-up among them."""
     bare, wrapped, middleware = build_apps(name, loop)
+    monitor = middleware.monitor
     # memwatch counts garbage collections with a gc callback: a process-wide cost that would
     # land on the bare app too. It is taken out during bare batches so that it counts as
     # memwatch's.
@@ -381,6 +450,29 @@ def measure(
     for driver in (bare, wrapped):
         driver.measure(request_specs(requests, start), timer)
     start += requests
+    start_bare: list[float] = []
+    start_wrapped: list[float] = []
+    reached = True
+    if start_up == "separate":
+        # memwatch's start-up (the warm-up it ignores, then the first verdict's dense samples,
+        # once per process): timed like the measured rounds and reported apart from them.
+        reached = False
+        while len(start_bare) < start_up_max:
+            if getattr(monitor, "_steady", False):
+                reached = True
+                break
+            order = ("bare", "wrapped") if len(start_bare) % 2 == 0 else ("wrapped", "bare")
+            b, w, _traced = _round(
+                bare, wrapped, request_specs(requests, start), order, timer, memwatch_callbacks
+            )
+            start += requests
+            start_bare.append(b)
+            start_wrapped.append(w)
+        reached = reached or bool(getattr(monitor, "_steady", False))
+        progress(
+            f"  {name:9} heap+{extra_objects:>9,}: start-up {len(start_bare)} rounds"
+            + ("" if reached else f" (steady state not reached within {start_up_max})")
+        )
     bare_us: list[float] = []
     wrapped_us: list[float] = []
     steady: list[bool] = []
@@ -388,23 +480,16 @@ def measure(
     for batch in range(batches):
         specs = request_specs(requests, start)
         start += requests
-        traced = tracemalloc.is_tracing()
-        times = {}
-        for variant in ("bare", "wrapped") if batch % 2 == 0 else ("wrapped", "bare"):
-            if variant == "bare":
-                with _without_gc_callbacks(memwatch_callbacks):
-                    times[variant] = bare.measure(specs, timer)
-            else:
-                times[variant] = wrapped.measure(specs, timer)
-            traced = traced or tracemalloc.is_tracing()
+        order = ("bare", "wrapped") if batch % 2 == 0 else ("wrapped", "bare")
+        b, w, traced = _round(bare, wrapped, specs, order, timer, memwatch_callbacks)
         if traced:
             # A diagnosis window (tracemalloc on, process-wide) slows both apps several times
             # over: its cost is the duty cycle's, not the always-on path's.
             excluded += 1
         else:
-            bare_us.append(times["bare"] / requests * 1e6)
-            wrapped_us.append(times["wrapped"] / requests * 1e6)
-            steady.append(bool(getattr(middleware.monitor, "_steady", False)))
+            bare_us.append(b)
+            wrapped_us.append(w)
+            steady.append(bool(getattr(monitor, "_steady", False)))
         if bare_us and ((batch + 1) % 10 == 0 or batch + 1 == batches):
             progress(
                 f"  {name:9} heap+{extra_objects:>9,}: round {batch + 1:3}/{batches}  "
@@ -416,7 +501,7 @@ def measure(
         raise RuntimeError("every round ran inside a diagnosis window: nothing to report")
     differences = [w - b for b, w in zip(bare_us, wrapped_us, strict=True)]
     ratios = [b / w for b, w in zip(bare_us, wrapped_us, strict=True)]
-    snapshot = middleware.monitor.snapshot()
+    snapshot = monitor.snapshot()
     verdict = getattr(snapshot, "verdict", None)
     return Result(
         app=name,
@@ -439,6 +524,10 @@ def measure(
         bare_us=bare_us,
         wrapped_us=wrapped_us,
         steady=steady,
+        start_up=start_up,
+        start_up_reached=reached,
+        start_up_bare_us=start_bare,
+        start_up_wrapped_us=start_wrapped,
     )
 
 
@@ -526,6 +615,18 @@ def table(results: Sequence[Result]) -> str:
         notes = [f"{r.rounds} rounds of {r.requests_per_batch} requests"]
         if r.rounds_excluded:
             notes.append(f"{r.rounds_excluded} rounds left out (tracemalloc on: diagnosis window)")
+        summary = r.start_up_summary()
+        if summary is not None:
+            n, added, ratio, total_ms = summary
+            with_ratio, with_paired = r.ratios_with_start_up()
+            notes.append(
+                f"memwatch's start-up (before its first verdict, once per process) run apart "
+                f"first: {n} rounds, {added:.2f} µs added per request (ratio {ratio:.3f}), "
+                f"{total_ms:.0f} ms of CPU added in all"
+                + ("" if r.start_up_reached else ", steady state NOT reached")
+                + f"; counted with the measured rounds the ratios would be {with_ratio:.3f} / "
+                f"{with_paired:.3f}"
+            )
         phases = by_phase(r)
         if len(phases) > 1 or (phases and phases[0][0] == "early"):
             notes.append(
@@ -570,6 +671,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"requests built and timed together (default {CHUNK}; 1: each built right before "
         "its call, as a server does)",
     )
+    parser.add_argument(
+        "--start-up",
+        choices=("separate", "include"),
+        default="separate",
+        help="memwatch's start-up (the rounds before its first verdict, once per process): run "
+        "first and reported apart (separate, the default) or among the measured rounds (include)",
+    )
+    parser.add_argument(
+        "--start-up-max",
+        type=int,
+        default=START_UP_MAX,
+        help=f"the most start-up rounds run apart (default {START_UP_MAX})",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -613,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         timer=timer,
                         loop=loop,
                         progress=progress,
+                        start_up=args.start_up,
+                        start_up_max=args.start_up_max,
                     )
                 )
     finally:
@@ -630,6 +746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "timer": args.timer,
                 "chunk": CHUNK,
                 "requests_per_token": REQUESTS_PER_TOKEN,
+                "start_up": args.start_up,
+                "start_up_max": args.start_up_max,
             },
             "targets": TARGETS,
             "results": [asdict(r) for r in results],

@@ -11,6 +11,8 @@ Costs (Python 3.11, measured on the project's machines; see docs/performance.md)
   1 M, 144 µs at 5 M. It is therefore timed on every reading so that callers can stretch the
   sampling interval as the heap grows (:attr:`Signals.heap_cost_us`).
 - ``gc.get_count()``: 0.1 µs at any heap size.
+- Collections per generation: counted by a ``gc.callbacks`` hook (O(1) to read);
+  ``gc.get_stats()``, which builds three dicts, took 9 µs per sample in place.
 """
 
 from __future__ import annotations
@@ -209,7 +211,9 @@ class Signals:
     :param page_size: Bytes per page for ``statm``; defaults to the system's.
     :param heap_blocks: Function returning the number of allocated Python heap blocks.
     :param gc_count: Function returning ``gc.get_count()``-like pending counts.
-    :param gc_stats: Function returning ``gc.get_stats()``-like per-generation statistics.
+    :param gc_stats: Function returning ``gc.get_stats()``-like per-generation statistics;
+        None (the default): the collections counted by memwatch's ``gc.callbacks`` hook since
+        it was imported.
     :param process: A ``psutil.Process``-like object with ``memory_info().rss``.
     :param clock: Clock for timing readings (this thread's CPU time by default).
     :param malloc_in_use: Function returning the C allocator's bytes in use, or None where it
@@ -223,7 +227,7 @@ class Signals:
         page_size: int | None = None,
         heap_blocks: Callable[[], int] = sys.getallocatedblocks,
         gc_count: Callable[[], tuple[int, ...]] = gc.get_count,
-        gc_stats: Callable[[], list[dict[str, Any]]] = gc.get_stats,
+        gc_stats: Callable[[], list[dict[str, Any]]] | None = None,
         process: Any = None,
         clock: Callable[[], float] = time.thread_time,
         malloc_in_use: Callable[[], int | None] | None = None,
@@ -306,6 +310,9 @@ class Signals:
         return _GC_RUNS[0]
 
     def gc_collections(self) -> tuple[int, ...]:
+        """Collections so far, per generation (youngest first)."""
+        if self._gc_stats is None:
+            return tuple(_GC_BY_GENERATION)
         return tuple(int(gen.get("collections", 0)) for gen in self._gc_stats())
 
     def traced_bytes(self) -> int | None:
@@ -362,11 +369,15 @@ def glibc_in_use() -> int | None:
 
 
 _GC_RUNS = [0]
+_GC_BY_GENERATION = [0, 0, 0]
 
 
 def _count_collection(phase: str, info: dict[str, int]) -> None:
     if phase == "start":
         _GC_RUNS[0] += 1
+        generation = info.get("generation")
+        if generation is not None and 0 <= generation < len(_GC_BY_GENERATION):
+            _GC_BY_GENERATION[generation] += 1
 
 
 if _count_collection not in gc.callbacks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -211,6 +212,28 @@ def test_default_sources_are_the_interpreters() -> None:
     blocks = signals.heap_blocks()
     assert abs(blocks - sys.getallocatedblocks()) < 10_000
     assert signals.gc_collections() and all(isinstance(n, int) for n in signals.gc_collections())
+
+
+def test_default_collection_counts_move_with_the_interpreters() -> None:
+    """The per-generation counts that the gc hook keeps (read in O(1), without building
+    ``gc.get_stats()``'s dicts) grow by exactly as many collections as the interpreter's own."""
+    signals = Signals(statm_path=None, process=Process(rss=1))
+
+    def interpreters() -> tuple[int, ...]:
+        return tuple(gen["collections"] for gen in gc.get_stats())
+
+    ours_before, theirs_before = signals.gc_collections(), interpreters()
+    for generation in (0, 1, 2, 1, 0, 0):
+        gc.collect(generation)
+    # and some automatic ones: cyclic garbage enough to pass generation 0's threshold
+    for _ in range(5000):
+        cycle: list[object] = []
+        cycle.append(cycle)
+    ours_after, theirs_after = signals.gc_collections(), interpreters()
+    ours = [a - b for a, b in zip(ours_after, ours_before, strict=True)]
+    theirs = [a - b for a, b in zip(theirs_after, theirs_before, strict=True)]
+    assert ours == theirs
+    assert ours[0] >= 3 and ours[1] >= 2 and ours[2] >= 1
 
 
 # --- the sample ring's envelope readings ------------------------------------------------------
