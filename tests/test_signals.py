@@ -219,17 +219,26 @@ def test_default_collection_counts_move_with_the_interpreters() -> None:
     ``gc.get_stats()``'s dicts) grow by exactly as many collections as the interpreter's own."""
     signals = Signals(statm_path=None, process=Process(rss=1))
 
-    def interpreters() -> tuple[int, ...]:
-        return tuple(gen["collections"] for gen in gc.get_stats())
+    def both() -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # Read with automatic collections off: gc.get_stats() allocates, and a collection
+        # between the two readings would count in one and not the other.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return signals.gc_collections(), tuple(g["collections"] for g in gc.get_stats())
+        finally:
+            if enabled:
+                gc.enable()
 
-    ours_before, theirs_before = signals.gc_collections(), interpreters()
+    ours_before, theirs_before = both()
     for generation in (0, 1, 2, 1, 0, 0):
         gc.collect(generation)
-    # and some automatic ones: cyclic garbage enough to pass generation 0's threshold
+    # and, unless collections are off, some automatic ones: cyclic garbage enough to pass
+    # generation 0's threshold
     for _ in range(5000):
         cycle: list[object] = []
         cycle.append(cycle)
-    ours_after, theirs_after = signals.gc_collections(), interpreters()
+    ours_after, theirs_after = both()
     ours = [a - b for a, b in zip(ours_after, ours_before, strict=True)]
     theirs = [a - b for a, b in zip(theirs_after, theirs_before, strict=True)]
     assert ours == theirs
