@@ -452,15 +452,15 @@ def measure(
     start += requests
     start_bare: list[float] = []
     start_wrapped: list[float] = []
+
+    def in_steady_state() -> bool:
+        return bool(getattr(monitor, "_steady", False))
+
     reached = True
     if start_up == "separate":
         # memwatch's start-up (the warm-up it ignores, then the first verdict's dense samples,
         # once per process): timed like the measured rounds and reported apart from them.
-        reached = False
-        while len(start_bare) < start_up_max:
-            if getattr(monitor, "_steady", False):
-                reached = True
-                break
+        while len(start_bare) < start_up_max and not in_steady_state():
             order = ("bare", "wrapped") if len(start_bare) % 2 == 0 else ("wrapped", "bare")
             b, w, _traced = _round(
                 bare, wrapped, request_specs(requests, start), order, timer, memwatch_callbacks
@@ -468,7 +468,7 @@ def measure(
             start += requests
             start_bare.append(b)
             start_wrapped.append(w)
-        reached = reached or bool(getattr(monitor, "_steady", False))
+        reached = in_steady_state()
         progress(
             f"  {name:9} heap+{extra_objects:>9,}: start-up {len(start_bare)} rounds"
             + ("" if reached else f" (steady state not reached within {start_up_max})")
@@ -489,7 +489,7 @@ def measure(
         else:
             bare_us.append(b)
             wrapped_us.append(w)
-            steady.append(bool(getattr(monitor, "_steady", False)))
+            steady.append(in_steady_state())
         if bare_us and ((batch + 1) % 10 == 0 or batch + 1 == batches):
             progress(
                 f"  {name:9} heap+{extra_objects:>9,}: round {batch + 1:3}/{batches}  "

@@ -307,7 +307,7 @@ class Signals:
 
         Counted by a ``gc.callbacks`` hook; ``gc.get_stats()`` costs about 3 µs.
         """
-        return _GC_RUNS[0]
+        return sum(_GC_BY_GENERATION)
 
     def gc_collections(self) -> tuple[int, ...]:
         """Collections so far, per generation (youngest first)."""
@@ -368,16 +368,15 @@ def glibc_in_use() -> int | None:
     return int(info.uordblks) + int(info.hblkhd)
 
 
-_GC_RUNS = [0]
+# Collections per generation, youngest first, since memwatch was imported (their sum is
+# Signals.collections_total()).
 _GC_BY_GENERATION = [0, 0, 0]
 
 
 def _count_collection(phase: str, info: dict[str, int]) -> None:
     if phase == "start":
-        _GC_RUNS[0] += 1
-        generation = info.get("generation")
-        if generation is not None and 0 <= generation < len(_GC_BY_GENERATION):
-            _GC_BY_GENERATION[generation] += 1
+        # (An interpreter with more generations would count the older ones with the oldest.)
+        _GC_BY_GENERATION[min(info.get("generation", 0), len(_GC_BY_GENERATION) - 1)] += 1
 
 
 if _count_collection not in gc.callbacks:
